@@ -1,0 +1,175 @@
+"""Shared benchmark glue: tensor scenarios, the common evaluator, running a stream, tables, plots.
+
+Every strategy of a benchmark goes through :func:`run_stream` with an evaluator from
+:func:`make_evaluator`, so KVB and the baselines are measured by exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from avalanche.benchmarks.scenarios import class_incremental_benchmark
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
+from avalanche.logging import BaseLogger
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils.data import TensorDataset
+
+import kvb_avalanche  # noqa: F401  (arms the torchvision CPU hook before Avalanche imports)
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ["strategy", "seed", "final_accuracy", "average_forgetting", "train_seconds"]
+MATRIX_COLUMNS = ["strategy", "seed", "trained_through", "evaluated_on", "accuracy"]
+_EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
+
+
+def tensor_dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+    """A TensorDataset with the ``targets`` list Avalanche's class splitting reads."""
+    ds = TensorDataset(x, y)
+    ds.targets = y.tolist()
+    return ds
+
+
+def tensor_scenario(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    class_order: Sequence[int],
+    num_experiences: int,
+):
+    """A class-incremental Avalanche benchmark over (inputs, labels) tensors."""
+    return class_incremental_benchmark(
+        {"train": tensor_dataset(*train), "test": tensor_dataset(*test)},
+        class_order=list(class_order),
+        num_experiences=num_experiences,
+    )
+
+
+def make_evaluator(loggers: Sequence[BaseLogger] = ()) -> EvaluationPlugin:
+    """Accuracy and forgetting at experience and stream level, plus the stream loss."""
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loss_metrics(stream=True),
+        loggers=list(loggers),
+    )
+
+
+def run_stream(strategy, benchmark, name: str, seed: int) -> tuple[list[dict], float]:
+    """Train on each experience in turn, evaluating the whole test stream after each.
+
+    Returns accuracy-matrix rows and the training wall time in seconds (evaluation excluded).
+    """
+    rows, train_seconds = [], 0.0
+    for t, experience in enumerate(benchmark.train_stream):
+        start = time.perf_counter()
+        strategy.train(experience, eval_streams=[])
+        train_seconds += time.perf_counter() - start
+        metrics = strategy.eval(benchmark.test_stream)
+        accs = {int(m[1]): v for k, v in metrics.items() if (m := _EXP_ACC.match(k))}
+        if len(accs) != len(benchmark.test_stream):
+            raise RuntimeError(f"expected accuracy for every test experience, got {sorted(accs)}")
+        rows += [
+            {"strategy": name, "seed": seed, "trained_through": t, "evaluated_on": j,
+             "accuracy": float(accs[j])}
+            for j in sorted(accs)
+        ]
+    return rows, train_seconds
+
+
+def summarize(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Final accuracy (mean over experiences after the last one) and average forgetting.
+
+    Forgetting of experience j: its accuracy right after training on it minus its final
+    accuracy, averaged over all but the last experience (as Avalanche's StreamForgetting).
+    """
+    out = []
+    for (strategy, seed), g in matrix.groupby(["strategy", "seed"], sort=False):
+        acc = g.pivot(index="trained_through", columns="evaluated_on", values="accuracy")
+        last = acc.index.max()
+        final = acc.loc[last]
+        forgetting = [acc.loc[j, j] - final[j] for j in acc.columns if j < last]
+        out.append({
+            "strategy": strategy, "seed": seed,
+            "final_accuracy": float(final.mean()),
+            "average_forgetting": float(sum(forgetting) / max(1, len(forgetting))),
+        })
+    return pd.DataFrame(out)
+
+
+def mean_std_table(summary: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Mean and std over seeds per strategy, in first-seen strategy order."""
+    order = list(dict.fromkeys(summary["strategy"]))
+    agg = summary.groupby("strategy")[list(columns)].agg(["mean", "std"]).reindex(order)
+    agg.columns = [f"{c}_{s}" for c, s in agg.columns]
+    return agg.reset_index()
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+def write_json(obj: dict, path: Path) -> None:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+    atomic_write(path, dump)
+
+
+def plot_curves(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per strategy: accuracy on each experience as training proceeds (seed mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = list(dict.fromkeys(matrix["strategy"]))
+    cols = min(4, len(strategies))
+    rows = -(-len(strategies) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, name in zip(axes.flat, strategies, strict=False):
+        g = matrix[matrix.strategy == name]
+        mean = g.groupby(["evaluated_on", "trained_through"])["accuracy"].agg(["mean", "std"])
+        for j in sorted(g.evaluated_on.unique()):
+            m = mean.loc[j]
+            m = m[m.index >= j]  # from the moment the experience was learned
+            ax.plot(m.index, m["mean"], marker="o", ms=3, label=f"exp {j}")
+            ax.fill_between(m.index, m["mean"] - m["std"].fillna(0),
+                            m["mean"] + m["std"].fillna(0), alpha=0.15)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(strategies):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("trained through experience")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,27 @@
+"""Discrete Key-Value Bottleneck (Träuble et al., ICML 2023) for Avalanche."""
+
+import kvb_avalanche_tv_compat as _tv_compat
+
+_tv_compat.install_hook()  # before anything imports torchvision (Avalanche does)
+
+from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
+from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
+from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
+from kvb_avalanche.model import KVBModel  # noqa: E402
+from kvb_avalanche.plugin import KVBPlugin  # noqa: E402
+from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVBModel",
+    "KVBPlugin",
+    "KVBStrategy",
+    "KeyFitConfig",
+    "KeyValueBottleneck",
+    "LinearDecoder",
+    "Lookup",
+    "MLPDecoder",
+    "VotingDecoder",
+    "fit_keys",
+]

@@ -1,0 +1,255 @@
+"""The discrete key-value bottleneck (Träuble et al., ICML 2023, arXiv 2207.11240).
+
+An embedding is projected by C fixed random projections into C low-dimensional heads.
+Each head looks up its nearest key(s) in its own codebook of ``num_pairs`` keys and
+fetches the value code paired with that key. Keys are fitted without labels (EMA
+k-means, see :mod:`kvb_avalanche.keys`) and then frozen; only the values that a batch
+fetched receive gradient, which is what localises learning and limits forgetting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+Projection = Literal["random", "chunk"]
+ValuesInit = Literal["zeros", "randn"]
+KeyInit = Literal["kmeans", "random"]
+
+
+class Lookup(NamedTuple):
+    """Result of the nearest-key search."""
+
+    indices: Tensor  # (batch, codebooks, topk) int64
+    distances: Tensor  # (batch, codebooks, topk) squared L2
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class KeyValueBottleneck(nn.Module):
+    """C codebooks of (key, value) pairs behind C fixed projections.
+
+    Args:
+        dim_embed: size of the input embeddings.
+        codebooks: number of codebooks C (heads).
+        num_pairs: keys (and values) per codebook.
+        dim_keys: size of each head after projection. With ``projection="chunk"`` it
+            must equal ``dim_embed / codebooks`` (the embedding is split in chunks).
+        dim_values: size of each value code (the number of classes for a voting decoder).
+        topk: number of nearest keys fetched per codebook.
+        projection: ``"random"`` (fixed Gaussian, seeded) or ``"chunk"`` (split).
+        values_init: ``"zeros"`` or ``"randn"`` (scaled by ``values_init_std``).
+        key_init: ``"kmeans"`` (keys must be fitted before use, see
+            :func:`kvb_avalanche.keys.fit_keys`) or ``"random"`` (Gaussian keys, usable
+            at once).
+        seed: seeds projections, random keys and random values; no global RNG is used.
+        chunk_bytes: memory bound of the distance block in the key search.
+    """
+
+    def __init__(
+        self,
+        dim_embed: int,
+        codebooks: int,
+        num_pairs: int,
+        dim_keys: int,
+        dim_values: int,
+        topk: int = 1,
+        projection: Projection = "random",
+        values_init: ValuesInit = "zeros",
+        values_init_std: float = 0.001,
+        key_init: KeyInit = "kmeans",
+        seed: int = 0,
+        chunk_bytes: int = 64 * 2**20,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("dim_embed", dim_embed),
+            ("codebooks", codebooks),
+            ("num_pairs", num_pairs),
+            ("dim_keys", dim_keys),
+            ("dim_values", dim_values),
+            ("topk", topk),
+        ]:
+            _check_positive_int(name, value)
+        if topk > num_pairs:
+            raise ValueError(f"topk must be <= num_pairs ({num_pairs}), got {topk}")
+        if projection not in ("random", "chunk"):
+            raise ValueError(f"projection must be 'random' or 'chunk', got {projection!r}")
+        if values_init not in ("zeros", "randn"):
+            raise ValueError(f"values_init must be 'zeros' or 'randn', got {values_init!r}")
+        if key_init not in ("kmeans", "random"):
+            raise ValueError(f"key_init must be 'kmeans' or 'random', got {key_init!r}")
+        if projection == "chunk" and dim_embed != codebooks * dim_keys:
+            raise ValueError(
+                f"projection='chunk' splits the embedding into codebooks chunks: dim_keys must "
+                f"be dim_embed / codebooks = {dim_embed}/{codebooks}, got dim_keys={dim_keys}"
+            )
+        self.dim_embed, self.codebooks, self.num_pairs = dim_embed, codebooks, num_pairs
+        self.dim_keys, self.dim_values, self.topk = dim_keys, dim_values, topk
+        self.projection_kind, self.key_init = projection, key_init
+        self.chunk_bytes = chunk_bytes
+
+        generator = torch.Generator().manual_seed(seed)
+        if projection == "random":
+            proj = torch.randn(codebooks, dim_embed, dim_keys, generator=generator)
+            proj /= math.sqrt(dim_embed)
+        else:
+            proj = torch.zeros(codebooks, dim_embed, dim_keys)
+            for c in range(codebooks):
+                proj[c, c * dim_keys : (c + 1) * dim_keys] = torch.eye(dim_keys)
+        self.register_buffer("projection", proj)  # (codebooks, dim_embed, dim_keys)
+
+        keys = torch.randn(codebooks, num_pairs, dim_keys, generator=generator)
+        self.register_buffer("keys", keys)  # (codebooks, num_pairs, dim_keys)
+        self.register_buffer("keys_initialized", torch.tensor(key_init == "random"))
+        self.register_buffer("keys_frozen", torch.tensor(False))
+        # EMA k-means state, kept consistent with ``keys`` (keys = ema_sums / ema_counts).
+        # Counts are per-sample fractions, so they do not depend on the batch size.
+        self.register_buffer("ema_counts", torch.full((codebooks, num_pairs), 1.0 / num_pairs))
+        self.register_buffer("ema_sums", keys / num_pairs)
+        # How often each key was fetched in training mode after the keys were frozen.
+        self.register_buffer("key_usage", torch.zeros(codebooks, num_pairs, dtype=torch.long))
+        self.mask_unused_keys = False
+
+        values = torch.zeros(codebooks, num_pairs, dim_values)
+        if values_init == "randn":
+            values = values_init_std * torch.randn(values.shape, generator=generator)
+        self.values = nn.Parameter(values)  # (codebooks, num_pairs, dim_values)
+
+    # ------------------------------------------------------------------ checks
+    def check_embeddings(self, x: Tensor, name: str = "x") -> None:
+        """Raise a ValueError naming ``name`` unless x is (batch[, tokens], dim_embed) finite."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim_embed:
+            raise ValueError(
+                f"{name} must have shape (batch, {self.dim_embed}) or "
+                f"(batch, tokens, {self.dim_embed}), got {tuple(x.shape)}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+
+    def _check_ready(self) -> None:
+        if not bool(self.keys_initialized):
+            raise RuntimeError(
+                "keys are not initialised: this bottleneck was built with key_init='kmeans', "
+                "so fit them first (kvb_avalanche.keys.fit_keys, or KVBPlugin / KVBStrategy "
+                "which do it before the first experience)"
+            )
+
+    # ------------------------------------------------------------------ lookup
+    def project(self, x: Tensor) -> Tensor:
+        """(batch, dim_embed) -> (batch, codebooks, dim_keys)."""
+        return torch.einsum("bd,cdk->bck", x.to(self.projection.dtype), self.projection)
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor, topk: int | None = None, mask: Tensor | None = None) -> Lookup:
+        """Nearest keys by squared L2 for projected heads ``z`` (batch, codebooks, dim_keys).
+
+        One batched matmul per block of codebooks, sized to stay under ``chunk_bytes``;
+        never builds a (codebooks, batch, pairs, dim_keys) tensor nor an autograd graph.
+        ``mask`` (codebooks, num_pairs) bool excludes keys where False.
+        """
+        topk = self.topk if topk is None else topk
+        batch = z.shape[0]
+        z = z.transpose(0, 1)  # (codebooks, batch, dim_keys)
+        key_sq = self.keys.pow(2).sum(-1, keepdim=True).transpose(1, 2)  # (codebooks, 1, pairs)
+        # Blocks of (codebooks x rows x num_pairs) float32 distances, at most chunk_bytes.
+        rows = min(batch, max(1, self.chunk_bytes // (4 * self.num_pairs)))
+        step = max(1, self.chunk_bytes // (4 * rows * self.num_pairs))
+        indices = torch.empty(self.codebooks, batch, topk, dtype=torch.long, device=z.device)
+        distances = torch.empty(self.codebooks, batch, topk, dtype=z.dtype, device=z.device)
+        for c in range(0, self.codebooks, step):
+            keys_t = self.keys[c : c + step].transpose(1, 2)  # (chunk, dim_keys, pairs)
+            for r in range(0, batch, rows):
+                zc = z[c : c + step, r : r + rows]  # (chunk, rows, dim_keys)
+                # (chunk, rows, pairs) = |k|^2 - 2 z.k ; |z|^2 is added after the reduction
+                d = torch.baddbmm(key_sq[c : c + step], zc, keys_t, alpha=-2)
+                if mask is not None:
+                    d.masked_fill_(~mask[c : c + step, None], float("inf"))
+                if topk == 1:
+                    dist, idx = d.min(-1, keepdim=True)
+                else:
+                    dist, idx = d.topk(topk, dim=-1, largest=False)
+                indices[c : c + step, r : r + rows] = idx
+                distances[c : c + step, r : r + rows] = dist + zc.pow(2).sum(-1, keepdim=True)
+        return Lookup(indices.transpose(0, 1), distances.transpose(0, 1).clamp_min_(0))
+
+    def lookup(self, x: Tensor) -> Lookup:
+        """Nearest keys for embeddings x (batch, dim_embed) -> indices (batch, codebooks, topk)."""
+        self._check_ready()
+        mask = None
+        if self.mask_unused_keys and not self.training:
+            mask = self.key_usage > 0
+            mask = mask | ~mask.any(-1, keepdim=True)  # a never-trained codebook keeps all keys
+        return self.nearest(self.project(x), mask=mask)
+
+    def fetch(self, indices: Tensor) -> Tensor:
+        """Values for key indices (batch, codebooks, topk) -> (batch, codebooks, topk, dim_values).
+
+        Only the fetched rows of ``values`` enter the graph, so only they get gradient.
+        In training mode with frozen keys the fetched keys are counted (``key_usage``).
+        """
+        if self.training and bool(self.keys_frozen):
+            self.record_usage(indices)
+        codebook = torch.arange(self.codebooks, device=indices.device)[None, :, None]
+        return self.values[codebook, indices.long()]
+
+    def forward(
+        self,
+        x: Tensor,
+        return_indices: bool = False,
+        return_distances: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Fetch values for embeddings.
+
+        x: (batch, dim_embed) or (batch, tokens, dim_embed).
+        Returns values (batch, [tokens,] codebooks, topk, dim_values), then indices and
+        distances (batch, [tokens,] codebooks, topk) if asked for.
+        """
+        self.check_embeddings(x)
+        lead = x.shape[:-1]
+        found = self.lookup(x.reshape(-1, self.dim_embed))
+        values = self.fetch(found.indices)
+        out = [values.reshape(*lead, *values.shape[1:])]
+        if return_indices:
+            out.append(found.indices.reshape(*lead, *found.indices.shape[1:]))
+        if return_distances:
+            out.append(found.distances.reshape(*lead, *found.distances.shape[1:]))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @torch.no_grad()
+    def record_usage(self, indices: Tensor) -> None:
+        """Count fetched keys (for evaluation-time masking of never-trained keys)."""
+        flat = indices.long().transpose(0, 1).reshape(self.codebooks, -1)  # (codebooks, n)
+        self.key_usage.scatter_add_(1, flat, torch.ones_like(flat))
+
+    # ------------------------------------------------------------------ state
+    def freeze_keys(self) -> None:
+        """Freeze keys for good: no later fitting moves them, in train mode or not."""
+        self._check_ready()
+        self.keys_frozen.fill_(True)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the key indices (projection, keys, topk)."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.projection, self.keys):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{self.topk}".encode())
+        return h.hexdigest()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim_embed={self.dim_embed}, codebooks={self.codebooks}, num_pairs={self.num_pairs}, "
+            f"dim_keys={self.dim_keys}, dim_values={self.dim_values}, topk={self.topk}, "
+            f"projection={self.projection_kind!r}"
+        )

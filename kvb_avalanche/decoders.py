@@ -1,0 +1,55 @@
+"""Decoders from fetched values (batch, codebooks, topk, dim_values) to class logits."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class VotingDecoder(nn.Module):
+    """Non-parametric: the mean of the fetched values over codebooks and top-k.
+
+    Each value code is a vote over the classes (``dim_values == num_classes``); the
+    softmax is left to the loss. Has no parameters, so it cannot forget.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def forward(self, values: Tensor) -> Tensor:
+        if values.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"VotingDecoder needs dim_values == num_classes ({self.num_classes}), "
+                f"got values of size {values.shape[-1]}"
+            )
+        # (batch, [tokens,] codebooks, topk, classes) -> (batch, classes)
+        return values.flatten(1, -2).mean(1)
+
+
+class LinearDecoder(nn.Module):
+    """A linear layer on the concatenated values of all codebooks (top-k averaged)."""
+
+    def __init__(self, codebooks: int, dim_values: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(codebooks * dim_values, num_classes)
+
+    def forward(self, values: Tensor) -> Tensor:
+        # (batch, [tokens,] codebooks, topk, dim_values) -> (batch, codebooks * dim_values)
+        v = values.mean(-2)
+        if v.dim() == 4:
+            v = v.mean(1)  # average over tokens
+        return self.linear(v.flatten(1))
+
+
+class MLPDecoder(nn.Module):
+    """A one-hidden-layer MLP on the concatenated values of all codebooks."""
+
+    def __init__(self, codebooks: int, dim_values: int, num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.inner = LinearDecoder(codebooks, dim_values, hidden)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.head(self.inner(values))

@@ -1,0 +1,80 @@
+"""KVBModel: encoder -> key-value bottleneck -> decoder, as one Avalanche-ready module."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+
+from kvb_avalanche.bottleneck import KeyValueBottleneck
+from kvb_avalanche.decoders import VotingDecoder
+
+
+class KVBModel(nn.Module):
+    """A classifier that Avalanche strategies train like any other ``nn.Module``.
+
+    Args:
+        encoder: a (pretrained) module mapping inputs to embeddings (batch, dim_embed), or
+            ``None`` when the inputs already are embeddings.
+        bottleneck: the :class:`KeyValueBottleneck`.
+        decoder: maps fetched values to logits (e.g. :class:`VotingDecoder`).
+
+    ``forward`` also accepts integer key indices (batch, codebooks, topk), as produced by
+    :meth:`codes`: the encoder and the key search are then skipped. That is how frozen
+    keys let a strategy train values from cached codes.
+    """
+
+    def __init__(
+        self, encoder: nn.Module | None, bottleneck: KeyValueBottleneck, decoder: nn.Module
+    ) -> None:
+        super().__init__()
+        if isinstance(decoder, VotingDecoder) and decoder.num_classes != bottleneck.dim_values:
+            raise ValueError(
+                f"with a VotingDecoder, bottleneck.dim_values must equal num_classes "
+                f"({decoder.num_classes}), got dim_values={bottleneck.dim_values}"
+            )
+        self.encoder = encoder
+        self.bottleneck = bottleneck
+        self.decoder = decoder
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Inputs -> embeddings; no graph through a frozen encoder."""
+        if self.encoder is None:
+            return x
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return self.encoder(x)
+
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> Tensor:
+        """Inputs -> key indices (batch, codebooks, topk), the int16 form where it fits."""
+        self.bottleneck.check_embeddings(emb := self.embed(x), name="embeddings")
+        idx = self.bottleneck.lookup(emb.reshape(-1, self.bottleneck.dim_embed)).indices
+        return idx.to(torch.int16) if self.bottleneck.num_pairs <= 2**15 else idx
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():  # cached codes (batch, codebooks, topk)
+            return self.decoder(self.bottleneck.fetch(x))
+        return self.decoder(self.bottleneck(self.embed(x)))
+
+    def fingerprint(self) -> str:
+        """Hash of the frozen state that decides the codes: encoder weights, projection, keys."""
+        h = hashlib.blake2b(self.bottleneck.fingerprint().encode(), digest_size=16)
+        if self.encoder is not None:
+            for t in self.encoder.state_dict().values():
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def freeze_encoder(self) -> None:
+        """Freeze the encoder's parameters and keep it in eval mode (batch-norm statistics)."""
+        if self.encoder is None:
+            return
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> KVBModel:
+        super().train(mode)
+        if self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.eval()  # a frozen encoder never leaves eval mode
+        return self
