@@ -47,7 +47,8 @@ log = logging.getLogger("toy_2d")
 
 NUM_CLASSES = 8
 CLASS_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
-STRATEGIES = ["kvb_20x20", "kvb_1x400", "linear_probe", "naive_mlp", "ewc_mlp", "replay_mlp"]
+STRATEGIES = ["kvb_20x20", "kvb_1x400", "kvb_1x400_masked", "linear_probe", "naive_mlp",
+              "ewc_mlp", "replay_mlp"]
 
 
 def class_means(seed: int, min_gap: float = 0.2) -> torch.Tensor:
@@ -70,12 +71,10 @@ def blobs(means: torch.Tensor, per_class: int, std: float, g: torch.Generator):
 
 def make_kvb(kind: str, seed: int, args) -> tuple[KVBModel, list[torch.Tensor]]:
     """A KVB model and its unlabelled key-fitting batches (fresh uniform points)."""
-    if kind == "kvb_20x20":
-        bn = KeyValueBottleneck(2, 20, 20, 2, NUM_CLASSES, projection="random",
-                                values_init="randn", values_init_std=1e-3, seed=seed)
-    else:
-        bn = KeyValueBottleneck(2, 1, 400, 2, NUM_CLASSES, projection="chunk",
-                                values_init="randn", values_init_std=1e-3, seed=seed)
+    codebooks, pairs, projection = (20, 20, "random") if kind == "kvb_20x20" else (1, 400, "chunk")
+    bn = KeyValueBottleneck(2, codebooks, pairs, 2, NUM_CLASSES, projection=projection,
+                            values_init="randn", values_init_std=1e-3, seed=seed,
+                            mask_unused_keys=kind.endswith("_masked"))
     g = torch.Generator().manual_seed(20_000 + seed)
     batches = [torch.rand(100, 2, generator=g) for _ in range(args.key_steps)]
     return KVBModel(None, bn, VotingDecoder(NUM_CLASSES)), batches

@@ -50,6 +50,9 @@ class KeyValueBottleneck(nn.Module):
             :func:`kvb_avalanche.keys.fit_keys`) or ``"random"`` (Gaussian keys, usable
             at once).
         seed: seeds projections, random keys and random values; no global RNG is used.
+        mask_unused_keys: in eval mode, search only keys fetched during training (after the
+            keys were frozen), so an unseen region falls back to the nearest trained key
+            instead of an untrained value (the official code's ``deactivate_counts``).
         chunk_bytes: memory bound of the distance block in the key search.
     """
 
@@ -66,6 +69,7 @@ class KeyValueBottleneck(nn.Module):
         values_init_std: float = 0.001,
         key_init: KeyInit = "kmeans",
         seed: int = 0,
+        mask_unused_keys: bool = False,
         chunk_bytes: int = 64 * 2**20,
     ) -> None:
         super().__init__()
@@ -116,7 +120,7 @@ class KeyValueBottleneck(nn.Module):
         self.register_buffer("ema_sums", keys / num_pairs)
         # How often each key was fetched in training mode after the keys were frozen.
         self.register_buffer("key_usage", torch.zeros(codebooks, num_pairs, dtype=torch.long))
-        self.mask_unused_keys = False
+        self.mask_unused_keys = mask_unused_keys
 
         values = torch.zeros(codebooks, num_pairs, dim_values)
         if values_init == "randn":

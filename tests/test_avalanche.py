@@ -1,0 +1,121 @@
+"""KVBStrategy / KVBPlugin on Avalanche's own scenarios, next to Avalanche's baselines."""
+
+import pandas as pd
+import pytest
+import torch
+from avalanche.training.supervised import EWC, LwF, Naive, Replay
+from conftest import blob_embeddings
+from torch import nn
+
+from benchmarks.helpers import make_evaluator, run_stream, summarize, tensor_scenario
+from kvb_avalanche import (
+    KeyFitConfig,
+    KeyValueBottleneck,
+    KVBModel,
+    KVBPlugin,
+    KVBStrategy,
+    VotingDecoder,
+)
+
+DIM, CLASSES = 16, 4
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    # clusters close enough that a linear head trained on new classes overruns the old ones
+    x, y, _ = blob_embeddings(CLASSES, 60, DIM, spread=0.3, seed=1, noise_seed=1, scale=1.0, offset=2.0)
+    xt, yt, _ = blob_embeddings(CLASSES, 30, DIM, spread=0.3, seed=1, noise_seed=2, scale=1.0, offset=2.0)
+    return tensor_scenario((x, y), (xt, yt), class_order=[0, 1, 2, 3], num_experiences=2)
+
+
+def kvb_model(seed=0):
+    bn = KeyValueBottleneck(DIM, 8, 32, 4, CLASSES, seed=seed)
+    return KVBModel(None, bn, VotingDecoder(CLASSES))
+
+
+def test_kvb_runs_beside_avalanche_baselines_with_the_same_evaluator(scenario):
+    common = dict(train_mb_size=32, train_epochs=20, eval_mb_size=256)
+    strategies = {"kvb": KVBStrategy(model=kvb_model(), lr=3.0, evaluator=make_evaluator(),
+                                     **common)}
+    for cls, extra in [(Naive, {}), (EWC, {"ewc_lambda": 10.0}), (Replay, {"mem_size": 20}),
+                       (LwF, {"alpha": 1.0, "temperature": 2.0})]:
+        model = nn.Linear(DIM, CLASSES)
+        strategies[cls.__name__.lower()] = cls(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            criterion=nn.CrossEntropyLoss(), evaluator=make_evaluator(), **extra, **common)
+    rows = []
+    for name, strategy in strategies.items():
+        rows += run_stream(strategy, scenario, name, seed=0)[0]
+    summary = summarize(pd.DataFrame(rows)).set_index("strategy")
+    assert set(summary.index) == set(strategies)
+    # KVB learns both experiences and keeps the first; naive forgets it entirely
+    assert summary.loc["kvb", "final_accuracy"] > 0.9
+    assert summary.loc["kvb", "average_forgetting"] < 0.1
+    assert summary.loc["naive", "average_forgetting"] > 0.9
+
+
+def test_plugin_fits_keys_once_from_the_first_experience_and_freezes_them(scenario):
+    model = kvb_model()
+    strategy = KVBStrategy(model=model, train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                           evaluator=make_evaluator())
+    assert not bool(model.bottleneck.keys_initialized)
+    strategy.train(scenario.train_stream[0], eval_streams=[])
+    assert bool(model.bottleneck.keys_frozen)
+    keys = model.bottleneck.keys.clone()
+    strategy.train(scenario.train_stream[1], eval_streams=[])
+    assert torch.equal(model.bottleneck.keys, keys)
+    # keys were fitted on the first experience only: every key lies near its classes 0, 1
+    first = scenario.train_stream[0].dataset
+    x0 = torch.stack([first[i][0] for i in range(len(first))])
+    heads = model.bottleneck.project(x0)  # (n, codebooks, dim_keys)
+    nearest = torch.cdist(model.bottleneck.keys, heads.transpose(0, 1)).min(-1).values
+    assert nearest.max() < 1.0
+
+
+class CountingLoader:
+    def __init__(self, data):
+        self.data, self.iterations = data, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        yield from self.data
+
+
+def test_checkpointed_model_resumes_without_refitting(scenario):
+    x, _, _ = blob_embeddings(CLASSES, 60, DIM, spread=0.3, seed=2)
+    loader = CountingLoader([x[:120], x[120:]])
+    model = kvb_model()
+    plugin = KVBPlugin(key_init_loader=loader, key_fit=KeyFitConfig(epochs=2))
+    strategy = Naive(model=model, optimizer=torch.optim.SGD([model.bottleneck.values], lr=1.0),
+                     plugins=[plugin], train_mb_size=32, evaluator=make_evaluator())
+    strategy.train(scenario.train_stream[0], eval_streams=[])
+    fitted_passes = loader.iterations
+    assert fitted_passes == 3  # the Lloyd start + 2 EMA epochs
+    state = model.state_dict()
+
+    resumed = kvb_model(seed=5)
+    resumed.load_state_dict(state)
+    strategy = Naive(model=resumed,
+                     optimizer=torch.optim.SGD([resumed.bottleneck.values], lr=1.0),
+                     plugins=[plugin], train_mb_size=32, evaluator=make_evaluator())
+    strategy.train(scenario.train_stream[1], eval_streams=[])
+    assert loader.iterations == fitted_passes, "resumed strategy refitted frozen keys"
+    assert torch.equal(resumed.bottleneck.keys, model.bottleneck.keys)
+
+
+def test_gradient_norm_is_clipped(scenario):
+    model = kvb_model()
+    strategy = KVBStrategy(model=model, clip_grad_norm=1e-3, lr=1.0, train_mb_size=32,
+                           evaluator=make_evaluator())
+    strategy.kvb.prepare(model, scenario.train_stream[0])
+    before = model.bottleneck.values.detach().clone()
+    x = scenario.train_stream[0].dataset[0][0][None]
+    y = torch.tensor([scenario.train_stream[0].dataset[0][1]])
+    nn.functional.cross_entropy(model(x), y).backward()
+    strategy.optimizer_step()
+    assert (model.bottleneck.values.detach() - before).norm() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bad_clip_value_is_refused():
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        KVBStrategy(model=kvb_model(), clip_grad_norm=0.0)

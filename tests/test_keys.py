@@ -1,0 +1,50 @@
+import torch
+from conftest import blob_embeddings
+
+from kvb_avalanche import KeyFitConfig, KeyValueBottleneck, fit_keys
+from kvb_avalanche.keys import ema_step
+
+
+def test_ema_kmeans_finds_every_cluster_without_dead_keys():
+    points, _, centres = blob_embeddings(8, 100, 2, spread=0.02)
+    bn = KeyValueBottleneck(2, 1, 8, 2, 3, projection="chunk")
+    perm = torch.randperm(len(points))
+    batches = [points[perm[i : i + 100]] for i in range(0, 800, 100)]
+    stats = fit_keys(bn, batches, KeyFitConfig(epochs=30, kmeans_start=False), progress=False)
+    d = torch.cdist(centres, bn.keys[0])  # (clusters, keys)
+    assert (d.min(1).values < 0.1).all(), "some cluster has no key"
+    assert stats["keys_in_use"] == 1.0
+
+
+def test_lloyd_start_sets_a_consistent_ema_state_so_the_first_step_does_not_collapse():
+    points, _, _ = blob_embeddings(16, 50, 6)
+    bn = KeyValueBottleneck(6, 2, 16, 3, 3, seed=0)
+    fit_keys(bn, [points], KeyFitConfig(epochs=0, kmeans_start=True), progress=False)
+    used = bn.ema_counts > 0
+    torch.testing.assert_close(bn.ema_sums[used] / bn.ema_counts[used, None], bn.keys[used])
+    torch.testing.assert_close(bn.ema_counts.sum(-1), torch.ones(2))
+    keys = bn.keys.clone()
+    # one EMA step on the same data keeps the keys (official code: keys drift to the origin)
+    ema_step(bn, bn.project(points), KeyFitConfig(), torch.Generator().manual_seed(0))
+    assert (bn.keys - keys).norm(dim=-1).max() < 0.05 * keys.norm(dim=-1).mean()
+
+
+def test_dead_keys_are_replaced_by_data_points():
+    bn = KeyValueBottleneck(2, 1, 20, 2, 3, projection="chunk", key_init="random")
+    bn.keys.mul_(0).add_(100.0)  # every key far away from the data
+    bn.ema_sums.copy_(bn.keys * bn.ema_counts[..., None])
+    data = torch.rand(200, 2)
+    fit_keys(bn, [data[:100], data[100:]], KeyFitConfig(epochs=60, kmeans_start=False),
+             progress=False)
+    assert bn.keys.abs().max() < 1.5, "keys far from the data were not replaced"
+    assert (bn.ema_counts > 0).all()
+
+
+def test_fit_is_reproducible_for_a_seed():
+    points, _, _ = blob_embeddings(8, 40, 5)
+    runs = []
+    for _ in range(2):
+        bn = KeyValueBottleneck(5, 3, 10, 2, 3, seed=4)
+        fit_keys(bn, [points[:160], points[160:]], KeyFitConfig(epochs=3, seed=7), progress=False)
+        runs.append(bn.keys.clone())
+    assert torch.equal(*runs)
