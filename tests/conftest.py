@@ -1,6 +1,7 @@
-import kvb_avalanche  # noqa: F401  (arms the torchvision hook before Avalanche is imported)
 import pytest
 import torch
+
+import kvb_avalanche  # noqa: F401  (arms the torchvision hook before Avalanche is imported)
 
 
 @pytest.fixture(autouse=True)

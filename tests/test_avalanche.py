@@ -23,8 +23,9 @@ DIM, CLASSES = 16, 4
 @pytest.fixture(scope="module")
 def scenario():
     # clusters close enough that a linear head trained on new classes overruns the old ones
-    x, y, _ = blob_embeddings(CLASSES, 60, DIM, spread=0.3, seed=1, noise_seed=1, scale=1.0, offset=2.0)
-    xt, yt, _ = blob_embeddings(CLASSES, 30, DIM, spread=0.3, seed=1, noise_seed=2, scale=1.0, offset=2.0)
+    blobs = dict(spread=0.3, seed=1, scale=1.0, offset=2.0)
+    x, y, _ = blob_embeddings(CLASSES, 60, DIM, noise_seed=1, **blobs)
+    xt, yt, _ = blob_embeddings(CLASSES, 30, DIM, noise_seed=2, **blobs)
     return tensor_scenario((x, y), (xt, yt), class_order=[0, 1, 2, 3], num_experiences=2)
 
 
