@@ -8,12 +8,13 @@ from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
 from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
 from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
 from kvb_avalanche.model import KVBModel  # noqa: E402
-from kvb_avalanche.plugin import KVBPlugin  # noqa: E402
+from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
 from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrozenCodesPlugin",
     "KVBModel",
     "KVBPlugin",
     "KVBStrategy",

@@ -28,6 +28,32 @@ class Lookup(NamedTuple):
     distances: Tensor  # (batch, codebooks, topk) squared L2
 
 
+class _FetchSparse(torch.autograd.Function):
+    """values[codebook, index] whose gradient is a sparse (codebooks, pairs, dim) tensor.
+
+    The dense gradient of a paper-scale bottleneck is 256 x 4096 x 10 floats, almost all
+    zero; a sparse one costs only the fetched rows, in the backward pass and in SGD.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor) -> Tensor:
+        # indices: (batch, codebooks, topk) -> out (batch, codebooks, topk, dim_values)
+        codebooks, pairs, dim = values.shape
+        flat = indices + pairs * torch.arange(codebooks, device=indices.device)[None, :, None]
+        ctx.save_for_backward(flat)
+        ctx.shape = values.shape
+        return values.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(*flat.shape, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (flat,) = ctx.saved_tensors
+        codebooks, pairs, dim = ctx.shape
+        flat = flat.reshape(-1)
+        where = torch.stack([flat // pairs, flat % pairs])  # (2, n) = (codebook, pair)
+        grad = torch.sparse_coo_tensor(where, grad.reshape(-1, dim), ctx.shape)
+        return grad.coalesce(), None
+
+
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -53,6 +79,8 @@ class KeyValueBottleneck(nn.Module):
         mask_unused_keys: in eval mode, search only keys fetched during training (after the
             keys were frozen), so an unseen region falls back to the nearest trained key
             instead of an untrained value (the official code's ``deactivate_counts``).
+        sparse_grad: give ``values`` a sparse gradient holding only the fetched rows (use
+            plain SGD, which takes sparse gradients; KVBStrategy clips them too).
         chunk_bytes: memory bound of the distance block in the key search.
     """
 
@@ -70,6 +98,7 @@ class KeyValueBottleneck(nn.Module):
         key_init: KeyInit = "kmeans",
         seed: int = 0,
         mask_unused_keys: bool = False,
+        sparse_grad: bool = False,
         chunk_bytes: int = 64 * 2**20,
     ) -> None:
         super().__init__()
@@ -121,6 +150,7 @@ class KeyValueBottleneck(nn.Module):
         # How often each key was fetched in training mode after the keys were frozen.
         self.register_buffer("key_usage", torch.zeros(codebooks, num_pairs, dtype=torch.long))
         self.mask_unused_keys = mask_unused_keys
+        self.sparse_grad = sparse_grad
 
         values = torch.zeros(codebooks, num_pairs, dim_values)
         if values_init == "randn":
@@ -205,6 +235,8 @@ class KeyValueBottleneck(nn.Module):
         """
         if self.training and bool(self.keys_frozen):
             self.record_usage(indices)
+        if self.sparse_grad:
+            return _FetchSparse.apply(self.values, indices.long())
         codebook = torch.arange(self.codebooks, device=indices.device)[None, :, None]
         return self.values[codebook, indices.long()]
 
@@ -244,9 +276,15 @@ class KeyValueBottleneck(nn.Module):
         self.keys_frozen.fill_(True)
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides the key indices (projection, keys, topk)."""
+        """Hash of everything that decides the key indices in the current mode.
+
+        Projection, keys and topk; in eval mode with ``mask_unused_keys`` also the mask.
+        """
         h = hashlib.blake2b(digest_size=16)
-        for t in (self.projection, self.keys):
+        tensors = [self.projection, self.keys]
+        if self.mask_unused_keys and not self.training:
+            tensors.append(self.key_usage > 0)
+        for t in tensors:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(f"{self.topk}".encode())
         return h.hexdigest()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import torch
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.keys import KeyFitConfig, fit_keys
@@ -81,3 +84,68 @@ class KVBPlugin(SupervisedPlugin):
         fit_keys(bottleneck, _Embedded(loader, model, torch.device(device)), self.key_fit,
                  progress=self.progress)
         bottleneck.freeze_keys()
+
+
+class FrozenCodesPlugin(SupervisedPlugin):
+    """Train and evaluate a :class:`KVBModel` from cached key indices.
+
+    Once encoder and keys are frozen, an input's key indices never change, so each
+    experience's inputs are looked up once (after its dataset is adapted) and replaced by
+    their codes (n, codebooks, topk); an epoch then costs a gather of values and the
+    decoder, whatever ``num_pairs`` and ``dim_keys``. Codes are cached per input content
+    and per :meth:`KVBModel.fingerprint`, so a change of encoder, projection, keys (or of
+    the eval-time mask) recomputes them instead of serving stale ones.
+
+    Only the strategy's adapted dataset is replaced: plugins that read
+    ``strategy.experience.dataset`` themselves (EWC, Replay) still see the raw inputs.
+    """
+
+    def __init__(self, batch_size: int = 1024, progress: bool = True) -> None:
+        super().__init__()
+        self.batch_size, self.progress = batch_size, progress
+        self._codes: dict[tuple[str, str], torch.Tensor] = {}
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        self._use_codes(strategy)
+
+    def after_eval_dataset_adaptation(self, strategy, **kwargs) -> None:
+        self._use_codes(strategy)
+
+    def _use_codes(self, strategy) -> None:
+        model = strategy.model
+        if not bool(model.bottleneck.keys_frozen):
+            raise RuntimeError("FrozenCodesPlugin needs frozen keys: put KVBPlugin before it")
+        x, y, t = _tensors(strategy.adapted_dataset, self.batch_size)
+        if not x.is_floating_point():
+            return  # already codes
+        fingerprint = model.fingerprint()
+        key = (_content_hash(x), fingerprint)
+        if key not in self._codes:
+            self._codes = {k: v for k, v in self._codes.items() if k[1] == fingerprint}
+            self._codes[key] = self.compute(model, x, torch.device(strategy.device))
+        strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(
+            self._codes[key], y, targets=y.tolist(), task_labels=t.tolist()
+        )
+
+    def compute(self, model: KVBModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Codes (n, codebooks, topk) of inputs x, in chunks, with a progress bar."""
+        chunks = range(0, len(x), self.batch_size)
+        bar = tqdm(chunks, desc="key lookup (code cache)", disable=not self.progress, leave=False)
+        return torch.cat([model.codes(x[i : i + self.batch_size].to(device)).cpu() for i in bar])
+
+
+def _tensors(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All (inputs, targets, task labels) of an Avalanche dataset, in order.
+
+    The loader has its own generator: iterating a DataLoader draws a seed from the global
+    RNG otherwise, which would change the strategy's shuffling compared to no cache.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=getattr(dataset, "collate_fn", None),
+                        generator=torch.Generator())
+    xs, ys, ts = zip(*((b[0], b[1], b[-1]) for b in loader), strict=True)
+    return torch.cat(xs), torch.cat(ys), torch.cat(ts)
+
+
+def _content_hash(x: torch.Tensor) -> str:
+    return hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).hexdigest()

@@ -12,7 +12,7 @@ from torch import nn
 
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
-from kvb_avalanche.plugin import KVBPlugin
+from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
 
 
 class KVBStrategy(SupervisedTemplate):
@@ -22,6 +22,8 @@ class KVBStrategy(SupervisedTemplate):
     cross-entropy with label smoothing 0.1. ``optimizer`` and ``criterion`` override them;
     ``clip_grad_norm=None`` turns clipping off. Keys are fitted by :class:`KVBPlugin`
     (from ``key_init_loader`` or the first experience) before anything is trained.
+    With ``cache_codes`` (default) values are trained and evaluated from cached key indices
+    (:class:`FrozenCodesPlugin`): exactly the same result, far fewer key searches.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class KVBStrategy(SupervisedTemplate):
         key_init_loader: Iterable | None = None,
         key_fit: KeyFitConfig | None = None,
         freeze_decoder: bool | None = None,
+        cache_codes: bool = True,
         train_mb_size: int = 256,
         train_epochs: int = 1,
         eval_mb_size: int | None = 1024,
@@ -51,6 +54,7 @@ class KVBStrategy(SupervisedTemplate):
         if optimizer is None:
             optimizer = torch.optim.SGD([model.bottleneck.values], lr=lr)
         self.kvb = KVBPlugin(key_init_loader, key_fit, freeze_decoder, batch_size=train_mb_size)
+        own = [self.kvb, FrozenCodesPlugin()] if cache_codes else [self.kvb]
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -59,7 +63,7 @@ class KVBStrategy(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=[self.kvb, *(plugins or [])],
+            plugins=[*own, *(plugins or [])],
             evaluator=evaluator or default_evaluator,
             eval_every=eval_every,
             **base_kwargs,
@@ -67,7 +71,20 @@ class KVBStrategy(SupervisedTemplate):
 
     def optimizer_step(self) -> None:
         if self.clip_grad_norm is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                           self.clip_grad_norm)
+            clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
         super().optimizer_step()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes sparse gradients. Returns the norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = [(g.coalesce()._values() if g.is_sparse else g).norm() for g in grads]
+    total = torch.stack(norms).norm()
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return float(total)

@@ -120,3 +120,35 @@ def test_gradient_norm_is_clipped(scenario):
 def test_bad_clip_value_is_refused():
     with pytest.raises(ValueError, match="clip_grad_norm"):
         KVBStrategy(model=kvb_model(), clip_grad_norm=0.0)
+
+
+def test_training_from_cached_codes_is_exactly_training_from_embeddings(scenario):
+    trained = []
+    for cache in (True, False):
+        torch.manual_seed(3)
+        model = kvb_model()
+        model.bottleneck.mask_unused_keys = True
+        strategy = KVBStrategy(model=model, cache_codes=cache, lr=2.0, train_mb_size=16,
+                               train_epochs=3, evaluator=make_evaluator())
+        rows = run_stream(strategy, scenario, "kvb", seed=0)[0]
+        trained.append((model.bottleneck.values.detach().clone(), rows))
+        if cache:
+            plugin = strategy.plugins[1]
+            assert len(plugin._codes) >= 1
+    (cached_values, cached_rows), (plain_values, plain_rows) = trained
+    assert torch.equal(cached_values, plain_values)
+    assert cached_rows == plain_rows
+
+
+def test_code_cache_is_recomputed_when_the_keys_change(scenario):
+    model = kvb_model()
+    strategy = KVBStrategy(model=model, train_mb_size=32, evaluator=make_evaluator())
+    strategy.train(scenario.train_stream[0], eval_streams=[])
+    plugin = strategy.plugins[1]
+    (stale_key, stale_codes), = plugin._codes.items()
+    model.bottleneck.keys.add_(torch.randn_like(model.bottleneck.keys))  # keys moved
+    strategy.train(scenario.train_stream[0], eval_streams=[])
+    assert stale_key not in plugin._codes
+    (fresh_key, fresh_codes), = plugin._codes.items()
+    x = torch.stack([scenario.train_stream[0].dataset[i][0] for i in range(120)])
+    assert torch.equal(fresh_codes, model.codes(x)) and not torch.equal(fresh_codes, stale_codes)

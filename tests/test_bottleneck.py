@@ -189,3 +189,16 @@ def test_forward_before_kmeans_init_raises():
         bn(torch.randn(2, 12))
     assert KeyValueBottleneck(12, 4, 16, 3, 4, key_init="random")(torch.randn(2, 12)).shape == (
         2, 4, 1, 4)
+
+
+def test_sparse_gradient_equals_the_dense_one_and_sgd_takes_it():
+    dense, sparse = fitted(values_init="randn"), fitted(values_init="randn", sparse_grad=True)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(40, 12)
+    for bn in (dense, sparse):
+        bn(x).pow(2).sum().backward()
+    assert sparse.values.grad.is_sparse
+    torch.testing.assert_close(sparse.values.grad.to_dense(), dense.values.grad)
+    before = sparse.values.detach().clone()
+    torch.optim.SGD(sparse.parameters(), lr=0.1).step()
+    torch.testing.assert_close(sparse.values.detach(), before - 0.1 * dense.values.grad)
