@@ -63,25 +63,33 @@ def make_evaluator(loggers: Sequence[BaseLogger] = ()) -> EvaluationPlugin:
     )
 
 
-def run_stream(strategy, benchmark, name: str, seed: int) -> tuple[list[dict], float]:
+def evaluate(strategy, benchmark, name: str, seed: int, trained_through: int) -> list[dict]:
+    """Accuracy-matrix rows: accuracy on every test experience, via the strategy's evaluator."""
+    metrics = strategy.eval(benchmark.test_stream)
+    accs = {int(m[1]): v for k, v in metrics.items() if (m := _EXP_ACC.match(k))}
+    if len(accs) != len(benchmark.test_stream):
+        raise RuntimeError(f"expected accuracy for every test experience, got {sorted(accs)}")
+    return [{"strategy": name, "seed": seed, "trained_through": trained_through,
+             "evaluated_on": j, "accuracy": float(accs[j])} for j in sorted(accs)]
+
+
+def run_stream(
+    strategy, benchmark, name: str, seed: int,
+    after_experience: Callable[[int], None] | None = None,
+) -> tuple[list[dict], float]:
     """Train on each experience in turn, evaluating the whole test stream after each.
 
     Returns accuracy-matrix rows and the training wall time in seconds (evaluation excluded).
+    ``after_experience(t)`` is called after training on experience t, before its evaluation.
     """
     rows, train_seconds = [], 0.0
     for t, experience in enumerate(benchmark.train_stream):
         start = time.perf_counter()
         strategy.train(experience, eval_streams=[])
         train_seconds += time.perf_counter() - start
-        metrics = strategy.eval(benchmark.test_stream)
-        accs = {int(m[1]): v for k, v in metrics.items() if (m := _EXP_ACC.match(k))}
-        if len(accs) != len(benchmark.test_stream):
-            raise RuntimeError(f"expected accuracy for every test experience, got {sorted(accs)}")
-        rows += [
-            {"strategy": name, "seed": seed, "trained_through": t, "evaluated_on": j,
-             "accuracy": float(accs[j])}
-            for j in sorted(accs)
-        ]
+        if after_experience is not None:
+            after_experience(t)
+        rows += evaluate(strategy, benchmark, name, seed, t)
     return rows, train_seconds
 
 
@@ -89,18 +97,21 @@ def summarize(matrix: pd.DataFrame) -> pd.DataFrame:
     """Final accuracy (mean over experiences after the last one) and average forgetting.
 
     Forgetting of experience j: its accuracy right after training on it minus its final
-    accuracy, averaged over all but the last experience (as Avalanche's StreamForgetting).
+    accuracy, averaged over all but the last experience (as Avalanche's StreamForgetting);
+    NaN for a strategy evaluated only at the end (joint training).
     """
     out = []
     for (strategy, seed), g in matrix.groupby(["strategy", "seed"], sort=False):
         acc = g.pivot(index="trained_through", columns="evaluated_on", values="accuracy")
         last = acc.index.max()
         final = acc.loc[last]
-        forgetting = [acc.loc[j, j] - final[j] for j in acc.columns if j < last]
+        forgetting = [acc.loc[j, j] - final[j] for j in acc.columns
+                      if j < last and j in acc.index]
         out.append({
             "strategy": strategy, "seed": seed,
             "final_accuracy": float(final.mean()),
-            "average_forgetting": float(sum(forgetting) / max(1, len(forgetting))),
+            "average_forgetting": (float(sum(forgetting) / len(forgetting)) if forgetting
+                                   else float("nan")),
         })
     return pd.DataFrame(out)
 
