@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 QUICK = dict(max_per_class=100, resolution=32, codebooks=32, num_pairs=256, dim_keys=8,
-             kvb_epochs=30, kvb_lr=10.0, epochs=5, key_epochs=2, kmeans_samples=2000,
+             kvb_epochs=30, kvb_lr=10.0, epochs=20, batch_size=32, key_epochs=2,
+             kmeans_samples=2000,
              buffer_size=50)
 
 
@@ -201,7 +202,7 @@ def check_out(args: argparse.Namespace) -> None:
 def embeddings_for(args, encoder, name: str, split: str, max_per_class: int | None):
     """(embeddings float32 (n, dim), labels int64 (n,), record) for one CIFAR split, cached."""
     data = load_cifar(name, split, root=args.data_root, download=args.download,
-                      max_per_class=max_per_class)
+                      max_per_class=max_per_class, progress=args.progress)
     meta = {"dataset": name, "split": split, "data": data.identity, "encoder": encoder.name,
             "weights": encoder.weights_id, "resolution": args.resolution}
     x, cache_id = cached_embeddings(

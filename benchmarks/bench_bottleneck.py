@@ -1,0 +1,262 @@
+"""Speed and memory of the bottleneck: ours vs the bare matmul floor vs the PyPI implementation.
+
+Every (case, implementation) runs in its own subprocess, so its peak memory is its own:
+``peak_mb`` is the resident-set high-water mark above the process's size after set-up,
+cumulative over that process's measurements (forward, then forward+backward, ...).
+Times are the median (and min-max) of several repeats after a warm-up, all measured in
+this one invocation, so ratios compare like with like.
+
+    python benchmarks/bench_bottleneck.py --out results/perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+CASES = {  # batch, codebooks, pairs, dim_keys, dim_values, dim_embed
+    "paper": dict(batch=256, codebooks=256, pairs=4096, dim_keys=14, dim_values=10, dim=1280),
+    "small": dict(batch=256, codebooks=16, pairs=256, dim_keys=8, dim_values=10, dim=1280),
+}
+IMPLS = ["floor", "ours", "pypi"]
+EPOCH_SAMPLES = 10_000  # one CIFAR-10 experience
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def child(case: str, impl: str, repeats: int) -> dict:
+    """Runs in a subprocess: measure one implementation on one case."""
+    import torch
+
+    torch.manual_seed(0)
+    c = CASES[case]
+    x = torch.randn(c["batch"], c["dim"])
+    y = torch.randint(0, c["dim_values"], (c["batch"],))
+    results: dict[str, dict] = {}
+
+    def record(name: str, fn) -> None:
+        times = _time(fn, repeats)
+        results[name] = {"median_ms": statistics.median(times), "min_ms": min(times),
+                         "max_ms": max(times), "peak_mb": _peak_mb() - base}
+
+    if impl == "pypi":
+        try:
+            from discrete_key_value_bottleneck_pytorch import DiscreteKeyValueBottleneck
+        except ImportError:
+            return {"skipped": "discrete-key-value-bottleneck-pytorch is not installed "
+                               "(pip install 'kvb-avalanche[bench]')"}
+        kvb = DiscreteKeyValueBottleneck(
+            dim=c["dim_keys"], dim_embed=c["dim"], num_memory_codebooks=c["codebooks"],
+            num_memories=c["pairs"], dim_memory=c["dim_values"], decay=0.9)
+        xs = x[:, None]  # (batch, tokens=1, dim)
+        base = _rss_mb()
+        kvb.eval()
+        record("forward", lambda: kvb(xs))
+
+        def fwd_bwd():
+            kvb.values.grad = None
+            torch.nn.functional.cross_entropy(kvb(xs)[:, 0], y).backward()
+
+        record("forward_backward", fwd_bwd)
+        kvb.train()
+        record("key_update", lambda: kvb(xs))
+        return results
+
+    import kvb_avalanche_tv_compat
+
+    kvb_avalanche_tv_compat.install_hook()
+    from kvb_avalanche.bottleneck import KeyValueBottleneck
+    from kvb_avalanche.keys import KeyFitConfig, ema_step
+
+    bn = KeyValueBottleneck(c["dim"], c["codebooks"], c["pairs"], c["dim_keys"], c["dim_values"],
+                            key_init="random", sparse_grad=True)
+    bn.freeze_keys()
+    base = _rss_mb()
+    if impl == "floor":
+        # the bare search: one baddbmm over all codebooks, argmin, gather; dense gradient
+        keys_t = bn.keys.transpose(1, 2)
+        key_sq = bn.keys.pow(2).sum(-1)[:, None]
+        arange = torch.arange(c["codebooks"])[None, :]
+
+        def floor_forward():
+            with torch.no_grad():
+                z = torch.einsum("bd,cdk->cbk", x, bn.projection)
+                idx = torch.baddbmm(key_sq, z, keys_t, alpha=-2).argmin(-1).T  # (batch, C)
+            return bn.values[arange, idx].mean(1)
+
+        record("forward", floor_forward)
+
+        def floor_fwd_bwd():
+            bn.values.grad = None
+            torch.nn.functional.cross_entropy(floor_forward(), y).backward()
+
+        record("forward_backward", floor_fwd_bwd)
+        gflop = 2 * c["batch"] * c["codebooks"] * c["pairs"] * c["dim_keys"] / 1e9
+        a, b = torch.randn(c["codebooks"], 256, 256), torch.randn(c["codebooks"], 256, 256)
+        mm = _time(lambda: torch.bmm(a, b), repeats)
+        results["matmul_gflops"] = 2 * c["codebooks"] * 256**3 / 1e9 / (min(mm) / 1000)
+        results["distance_gflop"] = gflop
+        return results
+
+    def forward():
+        with torch.no_grad():
+            return bn(x).mean((1, 2))
+
+    record("forward", forward)
+
+    def fwd_bwd():
+        bn.values.grad = None
+        torch.nn.functional.cross_entropy(bn(x).mean((1, 2)), y).backward()
+
+    record("forward_backward", fwd_bwd)
+    fit_bn = KeyValueBottleneck(c["dim"], c["codebooks"], c["pairs"], c["dim_keys"],
+                                c["dim_values"], key_init="random")
+    z = fit_bn.project(x)
+    g, cfg = torch.Generator().manual_seed(0), KeyFitConfig()
+    record("key_update", lambda: ema_step(fit_bn, z, cfg, g))
+    # a training epoch over one experience from cached codes (n, codebooks, 1) int16
+    codes = torch.randint(0, c["pairs"], (EPOCH_SAMPLES, c["codebooks"], 1), dtype=torch.int16)
+    labels = torch.randint(0, c["dim_values"], (EPOCH_SAMPLES,))
+    opt = torch.optim.SGD([bn.values], lr=0.3)
+    bn.train()
+
+    def cached_epoch():
+        for i in range(0, EPOCH_SAMPLES, c["batch"]):
+            opt.zero_grad()
+            logits = bn.fetch(codes[i : i + c["batch"]]).mean((1, 2))
+            torch.nn.functional.cross_entropy(logits, labels[i : i + c["batch"]]).backward()
+            opt.step()
+
+    record("cached_code_epoch", cached_epoch)
+    return results
+
+
+def run_child(case: str, impl: str, repeats: int, threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, impl, "--repeats", str(repeats)]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        return {"skipped": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
+    p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, args.repeats)))  # noqa: T201 (to the parent)
+        return
+    if args.out is None:
+        p.error("--out is required")
+    if args.repeats < 1:
+        p.error(f"--repeats must be a positive integer, got {args.repeats}")
+    sys.path.insert(0, str(REPO))
+    import pandas as pd
+
+    from benchmarks.helpers import write_csv
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, notes, floor_info = [], [], {}
+    for case in args.cases:
+        for impl in IMPLS:
+            res = run_child(case, impl, args.repeats, args.threads)
+            if "skipped" in res:
+                notes.append(f"{case}/{impl}: {res['skipped']}")
+                continue
+            if impl == "floor":
+                floor_info[case] = {k: res.pop(k) for k in ("matmul_gflops", "distance_gflop")}
+            rows += [{"case": case, "impl": impl, "measure": m, **v} for m, v in res.items()]
+    bench = pd.DataFrame(rows)
+    floor = bench[bench.impl == "floor"].set_index(["case", "measure"]).median_ms
+    bench["ratio_to_floor"] = [
+        row.median_ms / floor.get((row.case, row.measure), float("nan"))
+        for row in bench.itertuples()]
+    write_csv(bench, args.out / "bench.csv")
+
+    def ms(case, impl, measure):
+        sel = bench[(bench.case == case) & (bench.impl == impl) & (bench.measure == measure)]
+        return float(sel.median_ms.iloc[0]) if len(sel) else float("nan")
+
+    def peak(case, impl, measure):
+        sel = bench[(bench.case == case) & (bench.impl == impl) & (bench.measure == measure)]
+        return float(sel.peak_mb.iloc[0]) if len(sel) else float("nan")
+
+    targets = []
+
+    def target(name, value, goal, ok):
+        status = "n/a" if value != value else ("PASS" if ok(value) else "FAIL")
+        targets.append({"target": name, "value": round(value, 3), "goal": goal,
+                        "status": status})
+
+    case = "paper" if "paper" in args.cases else args.cases[0]
+    fwd = ms(case, "ours", "forward") / ms(case, "floor", "forward")
+    fb = ms(case, "ours", "forward_backward") / ms(case, "floor", "forward_backward")
+    target(f"{case}: forward, ours / floor", fwd, "<= 1.2", lambda v: v <= 1.2)
+    target(f"{case}: forward+backward, ours / floor", fb, "<= 1.2", lambda v: v <= 1.2)
+    target(f"{case}: forward, ours / floor (stretch: tiled search)", fwd, "<= 0.35",
+           lambda v: v <= 0.35)
+    target(f"{case}: forward+backward, PyPI / ours",
+           ms(case, "pypi", "forward_backward") / ms(case, "ours", "forward_backward"), ">= 10",
+           lambda v: v >= 10)
+    target(f"{case}: peak memory forward+backward, ours / floor",
+           peak(case, "ours", "forward_backward") / peak(case, "floor", "forward_backward"),
+           "<= 1.5", lambda v: v <= 1.5)
+    steps = -(-EPOCH_SAMPLES // CASES[case]["batch"])
+    recompute = steps * ms(case, "ours", "forward_backward")
+    cached = ms(case, "ours", "cached_code_epoch")
+    target(f"{case}: epoch of {EPOCH_SAMPLES} samples, recomputed lookups / cached codes",
+           recompute / cached, ">= 50", lambda v: v >= 50)
+    protocol_min = 2000 * 5 * cached / 1000 / 60
+    target(f"{case}: paper protocol (2000 epochs x 5 experiences) on cached codes, minutes",
+           protocol_min, "< 15", lambda v: v < 15)
+    if case in floor_info:
+        info = floor_info[case]
+        ideal_ms = info["distance_gflop"] / info["matmul_gflops"] * 1000
+        target(f"{case}: forward, ours / FLOP limit ({info['distance_gflop']:.1f} GFLOP at "
+               f"{info['matmul_gflops']:.0f} GFLOP/s)", ms(case, "ours", "forward") / ideal_ms,
+               "report", lambda v: True)
+    targets_df = pd.DataFrame(targets)
+    write_csv(targets_df, args.out / "targets.csv")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 90):
+        print(bench.to_string(index=False, float_format="%.2f"))  # noqa: T201
+        print()  # noqa: T201
+        print(targets_df.to_string(index=False))  # noqa: T201
+    for note in notes:
+        print("note:", note)  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""benchmarks/split_cifar10.py end to end on its --quick path (real CIFAR from ../shared/data)."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import split_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
+                                reason="needs CIFAR under ../shared/data")
+RESUME_STRATEGIES = ["kvb", "linear_probe", "naive", "replay"]
+
+
+def command(out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--quick", "--seeds", "0", "--no-progress",
+            "--cache-dir", str(cache), *extra]
+
+
+def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    summary = pd.read_csv(out / "summary.csv").drop(columns="train_seconds")
+    return summary, pd.read_csv(out / "accuracy_matrix.csv")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("quick")
+    split_cifar10.main(command(out, cache))
+    return out
+
+
+def test_quick_run_writes_every_output(quick_run):
+    summary = pd.read_csv(quick_run / "summary.csv")
+    matrix = pd.read_csv(quick_run / "accuracy_matrix.csv")
+    assert list(summary.columns[:5]) == ["strategy", "seed", "final_accuracy",
+                                         "average_forgetting", "train_seconds"]
+    assert list(matrix.columns) == ["strategy", "seed", "trained_through", "evaluated_on",
+                                    "accuracy"]
+    assert set(summary.strategy) == set(split_cifar10.STRATEGIES)
+    continual = [s for s in split_cifar10.STRATEGIES if s not in split_cifar10.JOINT]
+    assert len(matrix) == len(continual) * 25 + len(split_cifar10.JOINT) * 5
+    sharing = pd.read_csv(quick_run / "key_sharing.csv")
+    assert list(sharing.experience) == [0, 1, 2, 3, 4]
+    assert sharing.fraction_shared_with_earlier.iloc[0] == 0
+    assert sharing.fraction_ever_selected.is_monotonic_increasing
+    for png in ("forgetting_curves.png", "final_accuracy.png"):
+        assert (quick_run / png).stat().st_size > 10_000
+    config = (quick_run / "config.json").read_text()
+    for needle in ("avalanche-lib", "git commit", "data_identity", "embedding_cache_identity",
+                   '"num_pairs": 256'):
+        assert needle in config
+    assert (quick_run / "logs" / "kvb-seed0" / "eval_results.csv").exists()
+
+
+def test_quick_run_kvb_forgets_less_than_naive(quick_run):
+    summary = pd.read_csv(quick_run / "summary.csv").set_index("strategy")
+    matrix = pd.read_csv(quick_run / "accuracy_matrix.csv")
+    assert summary.loc["kvb", "average_forgetting"] < 0.5 * summary.loc["naive",
+                                                                       "average_forgetting"]
+    first_exp_final = matrix.query("trained_through == 4 and evaluated_on == 0").set_index(
+        "strategy").accuracy
+    assert first_exp_final["naive"] <= 0.10 < first_exp_final["kvb"]
+
+
+def test_same_seed_and_configuration_give_identical_tables(quick_run, tmp_path, cache):
+    split_cifar10.main(command(tmp_path, cache))
+    for a, b in zip(tables(quick_run), tables(tmp_path), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_killed_run_resumes_to_the_tables_of_a_clean_run(tmp_path, cache):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    args = ["--strategies", *RESUME_STRATEGIES]
+    split_cifar10.main(command(clean, cache, *args))
+    script = str(REPO / "benchmarks" / "split_cifar10.py")
+    proc = subprocess.Popen([sys.executable, script, *command(killed, cache, *args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / "runs").glob("*.json"))) >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = len(list((killed / "runs").glob("*.json")))
+    assert 1 <= done < len(RESUME_STRATEGIES)
+    split_cifar10.main(command(killed, cache, *args))
+    for a, b in zip(tables(clean), tables(killed), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_other_configuration_in_the_same_out_is_refused(quick_run, cache, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        split_cifar10.main(command(quick_run, cache, "--kvb-epochs", "3"))
+    assert exit_.value.code == 2
+    assert "--kvb-epochs (30 -> 3)" in capsys.readouterr().err
+
+
+def _bad_weights(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path)
+    return ["--weights", str(path)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategies", "kvb", "icarl"], "unknown strategy 'icarl'"),
+    (["--encoder", "vit"], "unknown --encoder 'vit'"),
+    (["--key-init-data", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),
+    (["--buffer-size", "0"], "--buffer-size must be a positive integer"),
+    (["--topk", "300"], "--topk (300) must be <= --num-pairs (256)"),
+    (["--dim-values", "12"], "--dim-values must equal the number of classes (10)"),
+    ("EMPTY_ROOT", "no copy of cifar10 train found"),
+    ("BAD_WEIGHTS", "does not match encoder 'efficientnet_lite0'"),
+])
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, cache, capsys, extra,
+                                                             message):
+    if extra == "EMPTY_ROOT":
+        (tmp_path / "empty").mkdir()
+        extra = ["--data-root", str(tmp_path / "empty")]
+    elif extra == "BAD_WEIGHTS":
+        extra = _bad_weights(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        split_cifar10.main(command(out, cache, *extra))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused(tmp_path, cache, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        split_cifar10.main(command(blocker / "out", cache))
+    assert exit_.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
