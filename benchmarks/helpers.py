@@ -149,6 +149,52 @@ def write_json(obj: dict, path: Path) -> None:
     atomic_write(path, dump)
 
 
+class RunStore:
+    """Finished (strategy, seed) runs of one configuration under ``OUT/runs/``.
+
+    Each run is written atomically as soon as it finishes, so a killed sweep loses only the
+    run in progress; re-running the same command loads what is done and runs the rest.
+    ``OUT/config.json`` records the configuration: a different one is refused (naming the
+    differing arguments) unless ``overwrite``, which discards the stored runs.
+    """
+
+    def __init__(self, out: Path, arguments: dict, overwrite: bool = False) -> None:
+        self.out, self.arguments, self.overwrite = Path(out), arguments, overwrite
+        self.runs = self.out / "runs"
+
+    def check(self) -> None:
+        """Raise ValueError if ``out`` holds runs of another configuration (writes nothing)."""
+        config = self.out / "config.json"
+        if self.overwrite or not config.exists():
+            return
+        previous = json.loads(config.read_text()).get("arguments", {})
+        differ = sorted(k for k in set(previous) | set(self.arguments)
+                        if previous.get(k) != self.arguments.get(k))
+        if differ:
+            shown = ", ".join(f"--{k.replace('_', '-')} ({previous.get(k)!r} -> "
+                              f"{self.arguments.get(k)!r})" for k in differ)
+            raise ValueError(f"--out {self.out} holds results of a different configuration: "
+                             f"{shown}. Use another --out, or --overwrite to discard them.")
+
+    def open(self, record: dict) -> None:
+        """Create ``out`` and write config.json (with ``record`` beside the arguments)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.overwrite and self.runs.exists():
+            for f in self.runs.glob("*.json"):
+                f.unlink()
+        write_json({"arguments": self.arguments, **record}, self.out / "config.json")
+
+    def _path(self, strategy: str, seed: int) -> Path:
+        return self.runs / f"{strategy}-seed{seed}.json"
+
+    def load(self, strategy: str, seed: int) -> dict | None:
+        path = self._path(strategy, seed)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, strategy: str, seed: int, result: dict) -> None:
+        write_json(result, self._path(strategy, seed))
+
+
 def plot_curves(matrix: pd.DataFrame, path: Path, title: str) -> None:
     """One panel per strategy: accuracy on each experience as training proceeds (seed mean)."""
     import matplotlib

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import subprocess
@@ -36,6 +35,7 @@ from benchmarks.cifar import DataError, load_cifar  # noqa: E402
 from benchmarks.helpers import (  # noqa: E402
     MATRIX_COLUMNS,
     SUMMARY_COLUMNS,
+    RunStore,
     atomic_write,
     evaluate,
     make_evaluator,
@@ -45,7 +45,6 @@ from benchmarks.helpers import (  # noqa: E402
     summarize,
     tensor_scenario,
     write_csv,
-    write_json,
 )
 from kvb_avalanche import (  # noqa: E402
     FrozenCodesPlugin,
@@ -179,23 +178,9 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def identity_args(args: argparse.Namespace) -> dict:
+    """The arguments that decide results (what a resumed run must share)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
             if k not in NOT_IDENTITY}
-
-
-def check_out(args: argparse.Namespace) -> None:
-    """Refuse to mix results of a different configuration into an existing --out."""
-    config = args.out / "config.json"
-    if not config.exists() or args.overwrite:
-        return
-    previous = json.loads(config.read_text()).get("arguments", {})
-    current = identity_args(args)
-    differ = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} ({previous.get(k)!r} -> {current.get(k)!r})"
-                          for k in differ)
-        raise ValueError(f"--out {args.out} holds results of a different configuration: {shown}. "
-                         "Use another --out, or --overwrite to discard those results.")
 
 
 # ---------------------------------------------------------------------------- data
@@ -380,8 +365,9 @@ def plot_final(summary: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    store = RunStore(args.out, identity_args(args), args.overwrite)
     try:
-        check_out(args)
+        store.check()
         encoder = build_encoder(args.encoder, args.weights)
         train = embeddings_for(args, encoder, "cifar10", "train", args.max_per_class)
         test = embeddings_for(args, encoder, "cifar10", "test",
@@ -395,27 +381,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         sys.stderr.write(f"split_cifar10.py: error: {e}\n")
         raise SystemExit(2) from e
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs = args.out / "runs"
-    if args.overwrite and runs.exists():
-        for f in runs.glob("*.json"):
-            f.unlink()
-    write_json({"arguments": identity_args(args), "all_arguments": vars(args),
-                "versions": versions(), "encoder": {"name": encoder.name, "dim": encoder.dim,
-                                                    "weights": encoder.weights_id},
+    store.open({"all_arguments": vars(args), "versions": versions(),
+                "encoder": {"name": encoder.name, "dim": encoder.dim,
+                            "weights": encoder.weights_id},
                 "data": {"cifar10_train": train[2], "cifar10_test": test[2],
-                         "key_init": key_record}},
-               args.out / "config.json")
+                         "key_init": key_record}})
 
     data = ((train[0], train[1]), (test[0], test[1]))
     records = []
     for seed in args.seeds:
         bottleneck, codes = None, None
         for name in args.strategies:
-            path = runs / f"{name}-seed{seed}.json"
-            if path.exists():
-                records.append(json.loads(path.read_text()))
-                log.info("seed %d %-12s already done (%s)", seed, name, path)
+            if (done := store.load(name, seed)) is not None:
+                records.append(done)
+                log.info("seed %d %-12s already done", seed, name)
                 continue
             if name.startswith("kvb") and bottleneck is None:
                 first_classes = torch.tensor(class_order(args, seed)[:2])
@@ -424,7 +403,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 codes = FrozenCodesPlugin(progress=args.progress)
             start = time.perf_counter()
             record = run_one(name, seed, args, data, bottleneck, codes, args.out / "logs")
-            write_json(record, path)
+            store.save(name, seed, record)
             records.append(record)
             final = summarize(pd.DataFrame(record["matrix"])).final_accuracy.iloc[0]
             log.info("seed %d %-12s final accuracy %.3f  (%.0f s)", seed, name, final,

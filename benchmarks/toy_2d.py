@@ -27,6 +27,8 @@ from torch import nn  # noqa: E402
 from benchmarks.helpers import (  # noqa: E402
     MATRIX_COLUMNS,
     SUMMARY_COLUMNS,
+    RunStore,
+    atomic_write,
     make_evaluator,
     mean_std_table,
     plot_curves,
@@ -103,33 +105,40 @@ def make_strategy(name: str, seed: int, args, evaluator):
     return Replay(model=model, optimizer=adam, mem_size=args.replay_size, **common)
 
 
+GRID = 100  # decision regions are stored as predictions on a GRID x GRID lattice
+
+
 @torch.no_grad()
-def plot_regions(models: dict[str, nn.Module], data, path: Path) -> None:
+def region_predictions(model: nn.Module) -> list[int]:
+    """Predicted class on a GRID x GRID lattice of the unit square (row-major, y up)."""
+    axis = torch.linspace(0, 1, GRID)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    model.eval()
+    return model(grid).argmax(1).tolist()
+
+
+def plot_regions(regions: dict[str, list[int]], data, path: Path) -> None:
     """Decision regions of each strategy's final model (first seed) over the unit square."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = torch.stack(torch.meshgrid(torch.linspace(0, 1, 200), torch.linspace(0, 1, 200),
-                                      indexing="xy"), -1).reshape(-1, 2)
     x, y = data
     cols = 3
-    fig, axes = plt.subplots(math.ceil(len(models) / cols), cols, figsize=(9, 6), squeeze=False)
-    for ax, (name, model) in zip(axes.flat, models.items(), strict=False):
-        model.eval()
-        pred = model(grid).argmax(1).reshape(200, 200)
-        ax.imshow(pred, origin="lower", extent=(0, 1, 0, 1), cmap="tab10", vmin=0, vmax=9,
-                  alpha=0.45)
+    fig, axes = plt.subplots(math.ceil(len(regions) / cols), cols, figsize=(9, 6), squeeze=False)
+    for ax, (name, pred) in zip(axes.flat, regions.items(), strict=False):
+        ax.imshow(torch.tensor(pred).reshape(GRID, GRID), origin="lower", extent=(0, 1, 0, 1),
+                  cmap="tab10", vmin=0, vmax=9, alpha=0.45)
         ax.scatter(x[:, 0], x[:, 1], c=y, cmap="tab10", vmin=0, vmax=9, s=3)
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes.flat[len(models):]:
+    for ax in axes.flat[len(regions):]:
         ax.axis("off")
     fig.suptitle("decision regions after the last stage (first seed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -144,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ewc-lambda", type=float, default=100.0)
     p.add_argument("--replay-size", type=int, default=100)
     p.add_argument("--std", type=float, default=0.035, help="blob standard deviation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard results in --out from a different configuration")
     args = p.parse_args(argv)
     for name in ("steps", "key_steps", "replay_size"):
         if getattr(args, name) < 1:
@@ -155,8 +166,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> pd.DataFrame:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, timing, final_models = [], [], {}
+    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite")}
+    store = RunStore(args.out, arguments, args.overwrite)
+    try:
+        store.check()
+    except ValueError as e:
+        sys.stderr.write(f"toy_2d.py: error: {e}\n")
+        raise SystemExit(2) from e
+    store.open({})
+    records = []
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         means = class_means(seed)
@@ -164,21 +182,25 @@ def main(argv=None) -> pd.DataFrame:
         test = blobs(means, 100, args.std, g)
         bench = tensor_scenario(train, test, CLASS_ORDER, num_experiences=4)
         for name in args.strategies:
-            start = time.perf_counter()
-            strategy = make_strategy(name, seed, args, make_evaluator())
-            matrix, train_s = run_stream(strategy, bench, name, seed)
-            rows += matrix
-            timing.append({"strategy": name, "seed": seed, "train_seconds": train_s})
-            final = sum(r["accuracy"] for r in matrix if r["trained_through"] == 3) / 4
-            log.info("seed %d %-13s final accuracy %.3f (%.1fs)", seed, name, final,
-                     time.perf_counter() - start)
-            if seed == args.seeds[0]:
-                final_models[name] = strategy.model
+            if (record := store.load(name, seed)) is None:
+                start = time.perf_counter()
+                strategy = make_strategy(name, seed, args, make_evaluator())
+                matrix, train_s = run_stream(strategy, bench, name, seed)
+                record = {"matrix": matrix, "train_seconds": train_s,
+                          "regions": region_predictions(strategy.model)}
+                store.save(name, seed, record)
+                final = sum(r["accuracy"] for r in matrix if r["trained_through"] == 3) / 4
+                log.info("seed %d %-16s final accuracy %.3f (%.1fs)", seed, name, final,
+                         time.perf_counter() - start)
+            records.append((name, seed, record))
         if seed == args.seeds[0]:
-            plot_regions(final_models, test, args.out / "decision_regions.png")
-    matrix = pd.DataFrame(rows, columns=MATRIX_COLUMNS)
-    summary = summarize(matrix).merge(pd.DataFrame(timing), on=["strategy", "seed"])
-    summary = summary[SUMMARY_COLUMNS]
+            regions = {name: r["regions"] for name, s, r in records if s == seed}
+            plot_regions(regions, test, args.out / "decision_regions.png")
+    matrix = pd.DataFrame([row for _, _, r in records for row in r["matrix"]],
+                          columns=MATRIX_COLUMNS)
+    timing = pd.DataFrame([{"strategy": name, "seed": seed, "train_seconds": r["train_seconds"]}
+                           for name, seed, r in records])
+    summary = summarize(matrix).merge(timing, on=["strategy", "seed"])[SUMMARY_COLUMNS]
     write_csv(matrix, args.out / "accuracy_matrix.csv")
     write_csv(summary, args.out / "summary.csv")
     plot_curves(matrix, args.out / "accuracy_curves.png",

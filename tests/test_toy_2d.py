@@ -1,15 +1,20 @@
 """The paper's 2-D toy on a short schedule: KVB keeps the classes, naive learners forget."""
 
 import pandas as pd
+import pytest
 
 from benchmarks import toy_2d
 
 
+def ARGS(out):  # noqa: N802
+    return ["--out", str(out), "--seeds", "0", "--steps", "400", "--key-steps", "300",
+            "--strategies", "kvb_20x20", "kvb_1x400", "kvb_1x400_masked", "linear_probe",
+            "naive_mlp"]
+
+
 def test_toy_kvb_keeps_all_classes_while_naive_forgets(tmp_path):
     out = tmp_path / "toy"
-    toy_2d.main(["--out", str(out), "--seeds", "0", "--steps", "400", "--key-steps", "300",
-                 "--strategies", "kvb_20x20", "kvb_1x400", "kvb_1x400_masked", "linear_probe",
-                 "naive_mlp"])
+    toy_2d.main(ARGS(out))
     summary = pd.read_csv(out / "summary.csv").set_index("strategy")
     matrix = pd.read_csv(out / "accuracy_matrix.csv")
     assert list(matrix.columns) == ["strategy", "seed", "trained_through", "evaluated_on",
@@ -23,3 +28,12 @@ def test_toy_kvb_keeps_all_classes_while_naive_forgets(tmp_path):
     assert summary.loc["linear_probe", "final_accuracy"] <= 0.40
     assert (out / "accuracy_curves.png").stat().st_size > 10_000
     assert (out / "decision_regions.png").stat().st_size > 10_000
+
+    # re-running the same command serves every finished run from OUT/runs: same tables
+    toy_2d.main(ARGS(out))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv").set_index("strategy"),
+                                  summary)
+    # another configuration is refused before anything is written
+    with pytest.raises(SystemExit) as exit_:
+        toy_2d.main([*ARGS(out), "--lr", "0.01"])
+    assert exit_.value.code == 2
