@@ -336,7 +336,39 @@ def write_tables(args, records: list[dict]) -> pd.DataFrame:
     plot_final(summary, args.out / "final_accuracy.png")
     table = mean_std_table(summary, ["final_accuracy", "average_forgetting", "train_seconds"])
     write_csv(table, args.out / "summary_mean_std.csv")
+    write_csv(expectations(summary, matrix), args.out / "expectations.csv")
     return table
+
+
+def expectations(summary: pd.DataFrame, matrix: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims on this benchmark, checked on the seed means: PASS / FAIL / n/a."""
+    final = summary.groupby("strategy").final_accuracy.mean()
+    forgetting = summary.groupby("strategy").average_forgetting.mean()
+    last = matrix.trained_through.max()
+    first_exp = matrix[(matrix.trained_through == last) & (matrix.evaluated_on == 0)]
+    first_exp = first_exp.groupby("strategy").accuracy.mean()
+    rows = []
+
+    def claim(text, needs, value, goal, ok):
+        have = all(n in final.index for n in needs)
+        rows.append({"claim": text, "value": round(float(value()), 4) if have else None,
+                     "goal": goal, "status": ("PASS" if ok() else "FAIL") if have else "n/a"})
+
+    claim("kvb final accuracy / kvb_joint's", ["kvb", "kvb_joint"],
+          lambda: final.kvb / final.kvb_joint, ">= 0.9", lambda: final.kvb >= 0.9 * final.kvb_joint)
+    for name in ("naive", "linear_probe"):
+        claim(f"{name}: accuracy on experience 0 after the last one", [name],
+              lambda n=name: first_exp[n], "<= 0.10", lambda n=name: first_exp[n] <= 0.10)
+    claim("kvb average forgetting / naive's", ["kvb", "naive"],
+          lambda: forgetting.kvb / forgetting.naive, "<= 1/3",
+          lambda: forgetting.kvb <= forgetting.naive / 3)
+    for name in ("naive", "linear_probe", "ewc", "lwf"):
+        claim(f"kvb final accuracy - {name}'s", ["kvb", name],
+              lambda n=name: final.kvb - final[n], "> 0", lambda n=name: final.kvb > final[n])
+    claim("kvb final accuracy - joint_linear's", ["kvb", "joint_linear"],
+          lambda: final.kvb - final.joint_linear, ">= -0.05",
+          lambda: final.kvb >= final.joint_linear - 0.05)
+    return pd.DataFrame(rows)
 
 
 def plot_final(summary: pd.DataFrame, path: Path) -> None:
@@ -409,7 +441,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             log.info("seed %d %-12s final accuracy %.3f  (%.0f s)", seed, name, final,
                      time.perf_counter() - start)
     table = write_tables(args, records)
-    print(table.to_string(index=False, float_format="%.3f"))  # noqa: T201 (the CLI's output)
+    checks = pd.read_csv(args.out / "expectations.csv")
+    with pd.option_context("display.width", 160):
+        print(table.to_string(index=False, float_format="%.3f"))  # noqa: T201 (CLI output)
+        print(checks.to_string(index=False))  # noqa: T201
     return table
 
 

@@ -75,13 +75,20 @@ class KVBStrategy(SupervisedTemplate):
         super().optimizer_step()
 
 
+def _dense_part(g: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse gradient (summed duplicates), or the dense gradient."""
+    if not g.is_sparse:
+        return g
+    return (g if g.is_coalesced() else g.coalesce())._values()
+
+
 @torch.no_grad()
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` that also takes sparse gradients. Returns the norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norms = [(g.coalesce()._values() if g.is_sparse else g).norm() for g in grads]
+    norms = [_dense_part(g).norm() for g in grads]
     total = torch.stack(norms).norm()
     scale = max_norm / (total + 1e-6)
     if scale < 1:

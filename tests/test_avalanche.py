@@ -104,8 +104,10 @@ def test_checkpointed_model_resumes_without_refitting(scenario):
     assert torch.equal(resumed.bottleneck.keys, model.bottleneck.keys)
 
 
-def test_gradient_norm_is_clipped(scenario):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradient_norm_is_clipped(scenario, sparse):
     model = kvb_model()
+    model.bottleneck.sparse_grad = sparse
     strategy = KVBStrategy(model=model, clip_grad_norm=1e-3, lr=1.0, train_mb_size=32,
                            evaluator=make_evaluator())
     strategy.kvb.prepare(model, scenario.train_stream[0])

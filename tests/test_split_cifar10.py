@@ -59,6 +59,9 @@ def test_quick_run_writes_every_output(quick_run):
     for png in ("forgetting_curves.png", "final_accuracy.png"):
         assert (quick_run / png).stat().st_size > 10_000
     config = (quick_run / "config.json").read_text()
+    checks = pd.read_csv(quick_run / "expectations.csv")
+    assert list(checks.columns) == ["claim", "value", "goal", "status"] and len(checks) == 9
+    assert set(checks.status) <= {"PASS", "FAIL"}
     for needle in ("avalanche-lib", "git commit", "data_identity", "embedding_cache_identity",
                    '"num_pairs": 256'):
         assert needle in config
