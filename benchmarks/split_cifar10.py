@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim-values", type=int, default=NUM_CLASSES)
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--kvb-lr", type=float, default=0.3)
-    p.add_argument("--kvb-epochs", type=int, default=100, help="KVB epochs per experience")
+    p.add_argument("--kvb-epochs", type=int, default=10,
+                   help="KVB epochs per experience (flat from 1 to 100: results/kvb_epochs)")
     p.add_argument("--mask-unused-keys", action="store_true",
                    help="at evaluation, search only keys trained on (official deactivate_counts)")
     p.add_argument("--key-epochs", type=int, default=2, help="EMA k-means epochs")
