@@ -80,7 +80,10 @@ def _sample_rows(z: Tensor, shape: tuple[int, int], generator: torch.Generator) 
 
 
 @torch.no_grad()
-def lloyd_start(bn: KeyValueBottleneck, z: Tensor, iters: int, generator: torch.Generator) -> None:
+def lloyd_start(
+    bn: KeyValueBottleneck, z: Tensor, iters: int, generator: torch.Generator,
+    progress: bool = False,
+) -> None:
     """Lloyd k-means on heads z (n, codebooks, dim_keys); sets keys and a consistent EMA state."""
     n = z.shape[0]
     if n >= bn.num_pairs:
@@ -91,7 +94,8 @@ def lloyd_start(bn: KeyValueBottleneck, z: Tensor, iters: int, generator: torch.
         keys = keys + 1e-3 * keys.std() * torch.randn(keys.shape, generator=generator)
     bn.keys.copy_(keys)
     counts = sums = None
-    for _ in range(max(1, iters)):
+    for _ in tqdm(range(max(1, iters)), desc="fitting keys (Lloyd k-means start)",
+                  disable=not progress):
         idx = bn.nearest(z, topk=1).indices[..., 0]  # (n, codebooks)
         counts, sums = _assign_stats(z, idx, bn.num_pairs)
         filled = counts > 0
@@ -162,7 +166,8 @@ def fit_keys(
                 break
         if not gathered:
             raise ValueError("the key-initialisation loader yielded no batch")
-        lloyd_start(bn, torch.cat(gathered)[: cfg.kmeans_samples], cfg.kmeans_iters, generator)
+        lloyd_start(bn, torch.cat(gathered)[: cfg.kmeans_samples], cfg.kmeans_iters, generator,
+                    progress)
     bn.keys_initialized.fill_(True)
     replaced = steps = 0
     for _ in tqdm(range(cfg.epochs), desc="fitting keys (EMA k-means)", disable=not progress):
