@@ -226,7 +226,7 @@ def test_default_roots_and_lookup(tmp_path, monkeypatch):
     roots = default_data_roots()
     repo = Path(__file__).resolve().parents[1]
     assert roots[:2] == [env_root.resolve(), (cwd / "data").resolve()]
-    assert roots[2:4] == [repo / "data", repo.parent / "shared" / "data"]
+    assert roots[2:4] == [(repo / "data").resolve(), (repo.parent / "shared" / "data").resolve()]
     assert roots[-1] == Path.home().resolve() / ".avalanche" / "data"
     got = load_cifar("cifar10", "test", progress=False)  # env root is empty: ./data is next
     check(got, images, labels)
