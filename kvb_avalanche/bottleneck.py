@@ -100,7 +100,7 @@ class KeyValueBottleneck(nn.Module):
         seed: int = 0,
         mask_unused_keys: bool = False,
         sparse_grad: bool = False,
-        chunk_bytes: int = 16 * 2**20,
+        chunk_bytes: int = 8 * 2**20,
     ) -> None:
         super().__init__()
         for name, value in [
