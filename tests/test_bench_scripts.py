@@ -1,0 +1,37 @@
+"""The measurement scripts run end to end and write their tables (tiny settings)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks import bench_bottleneck, kvb_epochs
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
+    bench_bottleneck.main(["--out", str(tmp_path), "--cases", "small", "--repeats", "1"])
+    bench = pd.read_csv(tmp_path / "bench.csv")
+    assert {"case", "impl", "median_ms", "min_ms", "max_ms", "peak_mb",
+            "ratio_to_floor"} <= set(bench.columns)
+    ours = bench[(bench.impl == "ours") & (bench.case == "small")].set_index("measure")
+    assert {"forward", "forward_backward", "key_update", "cached_code_epoch"} <= set(ours.index)
+    assert (ours.median_ms > 0).all()
+    floor = bench[(bench.impl == "floor") & (bench.case == "small")]
+    assert (floor.ratio_to_floor == 1).all()
+    targets = pd.read_csv(tmp_path / "targets.csv", keep_default_na=False)
+    assert list(targets.columns) == ["target", "value", "goal", "status"]
+    assert set(targets.status) <= {"PASS", "FAIL", "n/a", "INFO"}
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
+def test_kvb_epochs_quick_curve(tmp_path):
+    kvb_epochs.main(["--out", str(tmp_path), "--epoch-grid", "1", "2", "--quick",
+                     "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert len(curve) == 2 * 2 * 2  # (kvb, kvb_joint) x epochs x (masked or not)
+    assert curve.final_accuracy.between(0, 1).all()
+    # values only grow with training
+    kvb = curve[(curve.strategy == "kvb") & ~curve.masked].set_index("epochs")
+    assert kvb.mean_abs_value[2] > kvb.mean_abs_value[1] > 0
