@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     seed = own.seed
     order = sc.class_order(args, seed)
     first = xtr[torch.isin(ytr, torch.tensor(order[:2]))]
-    bottleneck, _ = sc.fitted_bottleneck(args, encoder.dim, key_data, first, seed)
+    bottleneck = sc.fitted_bottleneck(args, encoder.dim, key_data, first, seed)
     codes = FrozenCodesPlugin(progress=args.progress)
     stream = tensor_scenario((xtr, ytr), (xte, yte), order, sc.NUM_EXPERIENCES)
     joint = tensor_scenario((xtr, ytr), (xte, yte), order, 1)

@@ -217,9 +217,9 @@ def fitted_bottleneck(args, dim: int, key_data: torch.Tensor | None, first_exp_x
     batches = [perm[i : i + args.batch_size] for i in range(0, len(perm), args.batch_size)]
     fit = KeyFitConfig(epochs=args.key_epochs, kmeans_samples=args.kmeans_samples,
                        kmeans_iters=args.kmeans_iters, seed=seed)
-    stats = fit_keys(bn, batches, fit, progress=args.progress)
+    fit_keys(bn, batches, fit, progress=args.progress)
     bn.freeze_keys()
-    return bn, stats
+    return bn
 
 
 def make_strategy(name: str, args, dim: int, evaluator, bottleneck=None, codes=None):
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             if name.startswith("kvb") and bottleneck is None:
                 first_classes = torch.tensor(class_order(args, seed)[:2])
                 first = train[0][torch.isin(train[1], first_classes)]
-                bottleneck, stats = fitted_bottleneck(args, encoder.dim, key_data, first, seed)
+                bottleneck = fitted_bottleneck(args, encoder.dim, key_data, first, seed)
                 codes = FrozenCodesPlugin(progress=args.progress)
             start = time.perf_counter()
             record = run_one(name, seed, args, data, bottleneck, codes, args.out / "logs")
