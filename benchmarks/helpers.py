@@ -7,10 +7,7 @@ Every strategy of a benchmark goes through :func:`run_stream` with an evaluator 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,9 +20,7 @@ from avalanche.logging import BaseLogger
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import TensorDataset
 
-import kvb_avalanche  # noqa: F401  (arms the torchvision CPU hook before Avalanche imports)
-
-log = logging.getLogger(__name__)
+from kvb_avalanche.io import atomic_write
 
 SUMMARY_COLUMNS = ["strategy", "seed", "final_accuracy", "average_forgetting", "train_seconds"]
 MATRIX_COLUMNS = ["strategy", "seed", "trained_through", "evaluated_on", "accuracy"]
@@ -122,19 +117,6 @@ def mean_std_table(summary: pd.DataFrame, columns: Sequence[str]) -> pd.DataFram
     agg = summary.groupby("strategy")[list(columns)].agg(["mean", "std"]).reindex(order)
     agg.columns = [f"{c}_{s}" for c, s in agg.columns]
     return agg.reset_index()
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -127,7 +127,7 @@ class KeyValueBottleneck(nn.Module):
             )
         self.dim_embed, self.codebooks, self.num_pairs = dim_embed, codebooks, num_pairs
         self.dim_keys, self.dim_values, self.topk = dim_keys, dim_values, topk
-        self.projection_kind, self.key_init = projection, key_init
+        self.projection_kind = projection
         self.chunk_bytes = chunk_bytes
 
         generator = torch.Generator().manual_seed(seed)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from kvb_avalanche.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +181,7 @@ def cached_embeddings(
             log.warning("embedding cache %s is unusable (%s): recomputing", path, e)
     embeddings = compute().to(torch.float16)
     checksum = _checksum(embeddings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"embeddings": embeddings, "meta": meta, "checksum": checksum}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(
+        {"embeddings": embeddings, "meta": meta, "checksum": checksum}, tmp))
     log.info("embeddings: cached %s", path)
     return embeddings.float(), checksum
