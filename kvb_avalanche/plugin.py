@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from kvb_avalanche.decoders import VotingDecoder
@@ -98,26 +99,45 @@ class FrozenCodesPlugin(SupervisedPlugin):
 
     Only the strategy's adapted dataset is replaced: plugins that read
     ``strategy.experience.dataset`` themselves (EWC, Replay) still see the raw inputs.
+
+    The training loader is replaced too, by one that indexes the code tensors a batch at a
+    time (:class:`CodesLoader`), where that gives exactly the batches Avalanche's loader
+    would: a single task, no custom sampler. Per-sample fetching and collating would
+    otherwise cost more than the training step itself.
     """
 
     def __init__(self, batch_size: int = 1024, progress: bool = True) -> None:
         super().__init__()
         self.batch_size, self.progress = batch_size, progress
         self._codes: dict[tuple[str, str], torch.Tensor] = {}
+        self._train: tuple[object, tuple[torch.Tensor, ...]] | None = None
 
     def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
-        self._use_codes(strategy)
+        tensors = self._use_codes(strategy)
+        self._train = (strategy.adapted_dataset, tensors)
 
     def after_eval_dataset_adaptation(self, strategy, **kwargs) -> None:
         self._use_codes(strategy)
 
-    def _use_codes(self, strategy) -> None:
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        dataset, tensors = self._train or (None, ())
+        if strategy.adapted_dataset is not dataset:
+            return  # another plugin changed the data since
+        # the loader the strategy made just before this hook
+        settings = _plain_loader_settings(strategy.dataloader, dataset)
+        if settings is not None:
+            batch_size, shuffle, drop_last = settings
+            strategy.dataloader = CodesLoader(*tensors, batch_size=batch_size, shuffle=shuffle,
+                                              drop_last=drop_last)
+
+    def _use_codes(self, strategy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Swap the adapted dataset for its codes; returns (codes, targets, task labels)."""
         model = strategy.model
         if not bool(model.bottleneck.keys_frozen):
             raise RuntimeError("FrozenCodesPlugin needs frozen keys: put KVBPlugin before it")
         x, y, t = _tensors(strategy.adapted_dataset, self.batch_size)
         if not x.is_floating_point():
-            return  # already codes
+            return x, y, t  # already codes
         fingerprint = model.fingerprint()
         key = (_content_hash(x), fingerprint)
         if key not in self._codes:
@@ -126,12 +146,66 @@ class FrozenCodesPlugin(SupervisedPlugin):
         strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(
             self._codes[key], y, targets=y.tolist(), task_labels=t.tolist()
         )
+        return self._codes[key], y, t
 
     def compute(self, model: KVBModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Codes (n, codebooks, topk) of inputs x, in chunks, with a progress bar."""
         chunks = range(0, len(x), self.batch_size)
         bar = tqdm(chunks, desc="key lookup (code cache)", disable=not self.progress, leave=False)
         return torch.cat([model.codes(x[i : i + self.batch_size].to(device)).cpu() for i in bar])
+
+
+class CodesLoader:
+    """Training batches ``[codes, targets, task labels]`` by indexing whole tensors.
+
+    Draws from the global RNG exactly what Avalanche's single-task training loader draws
+    per epoch (PyTorch's ``DataLoader`` iterator takes a base seed, then its
+    ``RandomSampler`` a permutation seed) and yields the same batches in the same order, so
+    training from it is bit-identical to training from the Avalanche loader.
+    """
+
+    def __init__(self, codes: torch.Tensor, targets: torch.Tensor, task_labels: torch.Tensor,
+                 batch_size: int, shuffle: bool = True, drop_last: bool = False) -> None:
+        self.tensors = (codes, targets, task_labels)  # (n, codebooks, topk), (n,), (n,)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.tensors[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        n = len(self.tensors[0])
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
+        if self.shuffle:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(n)
+        for i in range(len(self)):
+            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield [t[batch] for t in self.tensors]
+
+
+def _plain_loader_settings(loader, dataset) -> tuple[int, bool, bool] | None:
+    """(batch_size, shuffle, drop_last) if ``loader`` is one that Avalanche builds for a
+    single task over ``dataset`` with a plain random or sequential sampler (the batches
+    :class:`CodesLoader` reproduces); otherwise ``None``."""
+    if type(loader) is TaskBalancedDataLoader:
+        custom = {"sampler", "batch_sampler", "generator", "ffcv_args"} & set(loader.loader_kwargs)
+        if (custom or len(loader.datasets) != 1 or len(loader.datasets[0]) != len(dataset)
+                or loader.distributed_sampling or loader.never_ending):
+            return None
+        kwargs = loader.loader_kwargs
+        return (loader.batch_sizes[0], bool(kwargs.get("shuffle", False)),
+                bool(kwargs.get("drop_last", False)))
+    if type(loader) is DataLoader and loader.dataset is dataset and loader.generator is None:
+        sampler = loader.sampler
+        plain = type(sampler) is SequentialSampler or (
+            type(sampler) is RandomSampler and sampler.generator is None
+            and not sampler.replacement and sampler.num_samples == len(dataset))
+        if plain and type(loader.batch_sampler) is BatchSampler:
+            return loader.batch_size, type(sampler) is RandomSampler, loader.drop_last
+    return None
 
 
 def _tensors(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,9 +3,12 @@
 import pandas as pd
 import pytest
 import torch
+from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
+from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.supervised import EWC, LwF, Naive, Replay
 from conftest import blob_embeddings
 from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from benchmarks.helpers import make_evaluator, run_stream, summarize, tensor_scenario
 from kvb_avalanche import (
@@ -16,6 +19,7 @@ from kvb_avalanche import (
     KVBStrategy,
     VotingDecoder,
 )
+from kvb_avalanche.plugin import CodesLoader, _plain_loader_settings, _tensors
 
 DIM, CLASSES = 16, 4
 
@@ -130,16 +134,66 @@ def test_training_from_cached_codes_is_exactly_training_from_embeddings(scenario
         torch.manual_seed(3)
         model = kvb_model()
         model.bottleneck.mask_unused_keys = True
+        loaders = LoaderSpy()
         strategy = KVBStrategy(model=model, cache_codes=cache, lr=2.0, train_mb_size=16,
-                               train_epochs=3, evaluator=make_evaluator())
+                               train_epochs=3, evaluator=make_evaluator(), plugins=[loaders])
         rows = run_stream(strategy, scenario, "kvb", seed=0)[0]
         trained.append((model.bottleneck.values.detach().clone(), rows))
         if cache:
             plugin = strategy.plugins[1]
             assert len(plugin._codes) >= 1
+        # the fast loader is taken exactly when codes are cached
+        assert loaders.seen == ({CodesLoader} if cache else {DataLoader})
     (cached_values, cached_rows), (plain_values, plain_rows) = trained
     assert torch.equal(cached_values, plain_values)
     assert cached_rows == plain_rows
+
+
+class LoaderSpy(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.seen.add(type(strategy.dataloader))
+
+
+@pytest.mark.parametrize("kind", ["DataLoader", "TaskBalancedDataLoader"])
+@pytest.mark.parametrize("shuffle, drop_last", [(True, False), (True, True), (False, False)])
+def test_codes_loader_yields_avalanches_batches_and_draws_the_same_randomness(
+        scenario, kind, shuffle, drop_last):
+    dataset = scenario.train_stream[1].dataset  # 120 samples: batches of 16 leave 8 over
+    settings = dict(batch_size=16, shuffle=shuffle, drop_last=drop_last)
+    avalanche_loader = {  # the two loaders SupervisedTemplate.make_train_dataloader builds
+        "DataLoader": lambda: DataLoader(dataset, collate_fn=dataset.collate_fn, **settings),
+        "TaskBalancedDataLoader": lambda: TaskBalancedDataLoader(
+            dataset, oversample_small_groups=True, **settings),
+    }[kind]
+    assert _plain_loader_settings(avalanche_loader(), dataset) == (16, shuffle, drop_last)
+    runs = []
+    for make in (avalanche_loader, lambda: CodesLoader(*_tensors(dataset, 64), **settings)):
+        torch.manual_seed(11)
+        loader = make()
+        epochs = [[[t.clone() for t in batch] for batch in loader] for _ in range(2)]
+        runs.append((len(loader), epochs, torch.rand(3)))
+    (n_ref, ref, after_ref), (n_ours, ours, after_ours) = runs
+    assert n_ours == n_ref == (7 if drop_last else 8)
+    assert len(ours[0]) == len(ref[0]) == n_ref
+    for ref_epoch, our_epoch in zip(ref, ours, strict=True):
+        for ref_batch, our_batch in zip(ref_epoch, our_epoch, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ref_batch, our_batch, strict=True))
+    assert not torch.equal(ref[0][0][1], ref[1][0][1]) or not shuffle  # epochs reshuffle
+    assert torch.equal(after_ref, after_ours)  # the global RNG is left where Avalanche leaves it
+
+
+def test_loaders_with_their_own_sampling_keep_avalanches_loader(scenario):
+    dataset = scenario.train_stream[1].dataset
+    weighted = WeightedRandomSampler(torch.ones(len(dataset)), len(dataset))
+    for loader in (DataLoader(dataset, batch_size=16, sampler=weighted),
+                   DataLoader(dataset, batch_size=16, shuffle=True,
+                              generator=torch.Generator().manual_seed(0)),
+                   DataLoader(scenario.train_stream[0].dataset, batch_size=16)):
+        assert _plain_loader_settings(loader, dataset) is None
 
 
 def test_code_cache_is_recomputed_when_the_keys_change(scenario):
