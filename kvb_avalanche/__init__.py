@@ -8,12 +8,14 @@ from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
 from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
 from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
 from kvb_avalanche.model import KVBModel  # noqa: E402
-from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
+from kvb_avalanche.plugin import CodesLoader, FrozenCodesPlugin, KVBPlugin  # noqa: E402
+from kvb_avalanche.sparse import SparseSGD  # noqa: E402
 from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodesLoader",
     "FrozenCodesPlugin",
     "KVBModel",
     "KVBPlugin",
@@ -23,6 +25,7 @@ __all__ = [
     "LinearDecoder",
     "Lookup",
     "MLPDecoder",
+    "SparseSGD",
     "VotingDecoder",
     "fit_keys",
 ]

@@ -16,6 +16,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kvb_avalanche.sparse import coalesced_fetch_grad
+
 Projection = Literal["random", "chunk"]
 ValuesInit = Literal["zeros", "randn"]
 KeyInit = Literal["kmeans", "random"]
@@ -39,20 +41,16 @@ class _FetchSparse(torch.autograd.Function):
     def forward(ctx, values: Tensor, indices: Tensor) -> Tensor:
         # indices: (batch, codebooks, topk) -> out (batch, codebooks, topk, dim_values)
         codebooks, pairs, dim = values.shape
-        flat = indices + pairs * torch.arange(codebooks, device=indices.device)[None, :, None]
-        ctx.save_for_backward(flat)
+        flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
+            None, :, None]
+        ctx.save_for_backward(indices)
         ctx.shape = values.shape
         return values.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(*flat.shape, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (flat,) = ctx.saved_tensors
-        codebooks, pairs, dim = ctx.shape
-        flat = flat.reshape(-1)
-        where = torch.stack([flat // pairs, flat % pairs])  # (2, n) = (codebook, pair)
-        grad = torch.sparse_coo_tensor(where, grad.reshape(-1, dim), ctx.shape,
-                                       check_invariants=False)
-        return grad.coalesce(), None
+        (indices,) = ctx.saved_tensors
+        return coalesced_fetch_grad(indices, grad, ctx.shape), None
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -237,7 +235,7 @@ class KeyValueBottleneck(nn.Module):
         if self.training and bool(self.keys_frozen):
             self.record_usage(indices)
         if self.sparse_grad:
-            return _FetchSparse.apply(self.values, indices.long())
+            return _FetchSparse.apply(self.values, indices)
         codebook = torch.arange(self.codebooks, device=indices.device)[None, :, None]
         return self.values[codebook, indices.long()]
 

@@ -24,8 +24,10 @@ class VotingDecoder(nn.Module):
                 f"VotingDecoder needs dim_values == num_classes ({self.num_classes}), "
                 f"got values of size {values.shape[-1]}"
             )
-        # (batch, [tokens,] codebooks, topk, classes) -> (batch, classes)
-        return values.flatten(1, -2).mean(1)
+        # (batch, [tokens,] codebooks, topk, classes) -> (batch, classes); a sum then a
+        # division, so the fetched values' gradient stays an expanded view (no copy)
+        votes = values.flatten(1, -2)
+        return votes.sum(1) / votes.shape[1]
 
 
 class LinearDecoder(nn.Module):

@@ -13,13 +13,15 @@ from torch import nn
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
+from kvb_avalanche.sparse import SparseSGD
 
 
 class KVBStrategy(SupervisedTemplate):
     """Train a :class:`KVBModel` on any Avalanche stream.
 
-    Defaults follow the paper: SGD (lr 0.3) on the values, gradient-norm clipping at 1.0,
-    cross-entropy with label smoothing 0.1. ``optimizer`` and ``criterion`` override them;
+    Defaults follow the paper: SGD (lr 0.3; :class:`SparseSGD`, which applies sparse value
+    gradients in one pass) on the values, gradient-norm clipping at 1.0, cross-entropy with
+    label smoothing 0.1. ``optimizer`` and ``criterion`` override them;
     ``clip_grad_norm=None`` turns clipping off. Keys are fitted by :class:`KVBPlugin`
     (from ``key_init_loader`` or the first experience) before anything is trained.
     With ``cache_codes`` (default) values are trained and evaluated from cached key indices
@@ -52,7 +54,7 @@ class KVBStrategy(SupervisedTemplate):
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
         self.clip_grad_norm = clip_grad_norm
         if optimizer is None:
-            optimizer = torch.optim.SGD([model.bottleneck.values], lr=lr)
+            optimizer = SparseSGD([model.bottleneck.values], lr=lr)
         self.kvb = KVBPlugin(key_init_loader, key_fit, freeze_decoder, batch_size=train_mb_size)
         own = [self.kvb, FrozenCodesPlugin()] if cache_codes else [self.kvb]
         super().__init__(

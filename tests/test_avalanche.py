@@ -128,12 +128,14 @@ def test_bad_clip_value_is_refused():
         KVBStrategy(model=kvb_model(), clip_grad_norm=0.0)
 
 
-def test_training_from_cached_codes_is_exactly_training_from_embeddings(scenario):
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_training_from_cached_codes_is_exactly_training_from_embeddings(scenario, sparse_grad):
     trained = []
     for cache in (True, False):
         torch.manual_seed(3)
         model = kvb_model()
         model.bottleneck.mask_unused_keys = True
+        model.bottleneck.sparse_grad = sparse_grad
         loaders = LoaderSpy()
         strategy = KVBStrategy(model=model, cache_codes=cache, lr=2.0, train_mb_size=16,
                                train_epochs=3, evaluator=make_evaluator(), plugins=[loaders])
