@@ -16,13 +16,18 @@ def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
     assert {"case", "impl", "median_ms", "min_ms", "max_ms", "peak_mb",
             "ratio_to_floor"} <= set(bench.columns)
     ours = bench[(bench.impl == "ours") & (bench.case == "small")].set_index("measure")
-    assert {"forward", "forward_backward", "key_update", "cached_code_epoch"} <= set(ours.index)
+    assert {"forward", "forward_backward", "key_update", "epoch_cached_codes",
+            "epoch_recomputed_lookups"} <= set(ours.index)
     assert (ours.median_ms > 0).all()
+    official = bench[bench.impl == "official"].set_index("measure")
+    assert list(official.index) == ["key_update"] and official.median_ms.iloc[0] > 0
     floor = bench[(bench.impl == "floor") & (bench.case == "small")]
     assert (floor.ratio_to_floor == 1).all()
     targets = pd.read_csv(tmp_path / "targets.csv", keep_default_na=False)
     assert list(targets.columns) == ["target", "value", "goal", "status"]
     assert set(targets.status) <= {"PASS", "FAIL", "n/a", "INFO"}
+    speedup = targets[targets.target.str.contains("EMA key update step")]
+    assert len(speedup) == 1 and speedup.status.iloc[0] in {"PASS", "FAIL"}
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
