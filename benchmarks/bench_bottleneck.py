@@ -200,6 +200,25 @@ def child(case: str, impl: str, repeats: int) -> dict:
             torch.nn.functional.cross_entropy(floor_forward(), y).backward()
 
         record("forward_backward", floor_fwd_bwd)
+
+        # The memory floor of an epoch from codes: each step reads the rows its batch fetches
+        # (fresh random rows every step) and adds into them once, nothing else.
+        from kvb_avalanche.sparse import _add_rows_kernel
+
+        steps = -(-EPOCH_SAMPLES // c["batch"])
+        codebook = torch.arange(c["codebooks"]).repeat(c["batch"])
+        fetched = []
+        for _ in range(steps):
+            pair = torch.randint(0, c["pairs"], (c["batch"] * c["codebooks"],))
+            fetched.append((codebook * c["pairs"] + pair, torch.stack([codebook, pair]).numpy()))
+        table = bn.values.detach()
+
+        def floor_epoch():
+            for flat, where in fetched:
+                rows = table.view(-1, c["dim_values"]).index_select(0, flat)  # gather
+                _add_rows_kernel(table.numpy(), where, rows.numpy(), -1e-3)  # add back
+
+        record("epoch_cached_codes", floor_epoch)
         gflop = 2 * c["batch"] * c["codebooks"] * c["pairs"] * c["dim_keys"] / 1e9
         a, b = torch.randn(c["codebooks"], 256, 256), torch.randn(c["codebooks"], 256, 256)
         mm = _time(lambda: torch.bmm(a, b), repeats)
