@@ -171,6 +171,20 @@ class KeyValueBottleneck(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or inf values")
 
+    def check_indices(self, indices: Tensor, name: str = "indices") -> None:
+        """Raise a ValueError naming ``name`` unless it is (batch, codebooks, topk) integer
+        key indices in [0, num_pairs) (cached codes come from outside the module)."""
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {indices.dtype}")
+        if indices.dim() != 3 or indices.shape[1] != self.codebooks:
+            raise ValueError(f"{name} must have shape (batch, {self.codebooks}, topk), "
+                             f"got {tuple(indices.shape)}")
+        if indices.numel():
+            low, high = (int(v) for v in torch.aminmax(indices))
+            if low < 0 or high >= self.num_pairs:
+                raise ValueError(f"{name} must lie in [0, num_pairs={self.num_pairs}), got "
+                                 f"values from {low} to {high}")
+
     def _check_ready(self) -> None:
         if not bool(self.keys_initialized):
             raise RuntimeError(
@@ -232,6 +246,7 @@ class KeyValueBottleneck(nn.Module):
         Only the fetched rows of ``values`` enter the graph, so only they get gradient.
         In training mode with frozen keys the fetched keys are counted (``key_usage``).
         """
+        self.check_indices(indices)
         if self.training and bool(self.keys_frozen):
             self.record_usage(indices)
         if self.sparse_grad:

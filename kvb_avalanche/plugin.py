@@ -188,17 +188,24 @@ class CodesLoader:
 
 def _plain_loader_settings(loader, dataset) -> tuple[int, bool, bool] | None:
     """(batch_size, shuffle, drop_last) if ``loader`` is one that Avalanche builds for a
-    single task over ``dataset`` with a plain random or sequential sampler (the batches
-    :class:`CodesLoader` reproduces); otherwise ``None``."""
+    single task over ``dataset`` with a plain random or sequential sampler, the dataset's
+    own collate and no persistent workers (the batches :class:`CodesLoader` reproduces);
+    otherwise ``None``."""
     if type(loader) is TaskBalancedDataLoader:
         custom = {"sampler", "batch_sampler", "generator", "ffcv_args"} & set(loader.loader_kwargs)
         if (custom or len(loader.datasets) != 1 or len(loader.datasets[0]) != len(dataset)
                 or loader.distributed_sampling or loader.never_ending):
             return None
         kwargs = loader.loader_kwargs
+        if _persistent(kwargs.get("num_workers", 0), kwargs.get("persistent_workers", False)):
+            return None
+        if kwargs.get("collate_fn", dataset.collate_fn) != dataset.collate_fn:
+            return None
         return (loader.batch_sizes[0], bool(kwargs.get("shuffle", False)),
                 bool(kwargs.get("drop_last", False)))
-    if type(loader) is DataLoader and loader.dataset is dataset and loader.generator is None:
+    if (type(loader) is DataLoader and loader.dataset is dataset and loader.generator is None
+            and loader.collate_fn == dataset.collate_fn
+            and not _persistent(loader.num_workers, loader.persistent_workers)):
         sampler = loader.sampler
         plain = type(sampler) is SequentialSampler or (
             type(sampler) is RandomSampler and sampler.generator is None
@@ -206,6 +213,11 @@ def _plain_loader_settings(loader, dataset) -> tuple[int, bool, bool] | None:
         if plain and type(loader.batch_sampler) is BatchSampler:
             return loader.batch_size, type(sampler) is RandomSampler, loader.drop_last
     return None
+
+
+def _persistent(num_workers: int, persistent_workers: bool) -> bool:
+    """Persistent workers draw their base seed once, not every epoch as CodesLoader does."""
+    return bool(persistent_workers) and num_workers > 0
 
 
 def _tensors(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

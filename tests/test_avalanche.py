@@ -191,11 +191,21 @@ def test_codes_loader_yields_avalanches_batches_and_draws_the_same_randomness(
 def test_loaders_with_their_own_sampling_keep_avalanches_loader(scenario):
     dataset = scenario.train_stream[1].dataset
     weighted = WeightedRandomSampler(torch.ones(len(dataset)), len(dataset))
-    for loader in (DataLoader(dataset, batch_size=16, sampler=weighted),
-                   DataLoader(dataset, batch_size=16, shuffle=True,
-                              generator=torch.Generator().manual_seed(0)),
-                   DataLoader(scenario.train_stream[0].dataset, batch_size=16)):
+    plain = dict(batch_size=16, shuffle=True, collate_fn=dataset.collate_fn)
+    for loader in (
+        DataLoader(dataset, batch_size=16, sampler=weighted, collate_fn=dataset.collate_fn),
+        DataLoader(dataset, **plain, generator=torch.Generator().manual_seed(0)),
+        DataLoader(scenario.train_stream[0].dataset, **plain),  # another dataset
+        # persistent workers draw their base seed once, not every epoch
+        DataLoader(dataset, **plain, num_workers=1, persistent_workers=True),
+        TaskBalancedDataLoader(dataset, batch_size=16, shuffle=True, num_workers=1,
+                               persistent_workers=True),
+        DataLoader(dataset, batch_size=16, shuffle=True, collate_fn=lambda b: b),  # own collate
+        TaskBalancedDataLoader(dataset, batch_size=16, shuffle=True, collate_fn=lambda b: b),
+    ):
         assert _plain_loader_settings(loader, dataset) is None
+    assert _plain_loader_settings(DataLoader(dataset, **plain, num_workers=1), dataset) == (
+        16, True, False)  # workers that are not persistent draw like the main process
 
 
 def test_code_cache_is_recomputed_when_the_keys_change(scenario):

@@ -202,3 +202,19 @@ def test_sparse_gradient_equals_the_dense_one_and_sgd_takes_it():
     before = sparse.values.detach().clone()
     torch.optim.SGD(sparse.parameters(), lr=0.1).step()
     torch.testing.assert_close(sparse.values.detach(), before - 0.1 * dense.values.grad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.full((2, 4, 1), 16), r"indices must lie in \[0, num_pairs=16\), got values from 16"),
+    (torch.full((2, 4, 1), -1), r"indices must lie in \[0, num_pairs=16\), got values from -1"),
+    (torch.zeros(2, 4, 1), "indices must be an integer tensor"),
+    (torch.zeros(2, 3, 1, dtype=torch.long), r"indices must have shape \(batch, 4, topk\)"),
+])
+def test_fetching_bad_codes_is_refused_before_any_value_is_read(bad, message):
+    bn = KeyValueBottleneck(8, 4, 16, 2, 3, key_init="random", sparse_grad=True)
+    bn.freeze_keys()  # in training mode, so a fetch would count key usage
+    with pytest.raises(ValueError, match=message):
+        bn.fetch(bad)
+    assert int(bn.key_usage.sum()) == 0  # refused before anything was recorded
+    bn.fetch(torch.full((2, 4, 1), 15))
+    assert int(bn.key_usage.sum()) == 8

@@ -9,35 +9,69 @@ from kvb_avalanche import KeyValueBottleneck, SparseSGD, VotingDecoder
 SHAPE = torch.Size([6, 50, 3])  # (codebooks, pairs, dim_values)
 
 
-def fetched(batch=40, topk=2, dtype=torch.int64, seed=0):
+def fetched(batch=40, topk=2, dtype=torch.int64, seed=0, pairs=SHAPE[1], values=torch.float32):
     g = torch.Generator().manual_seed(seed)
     # few pairs per codebook, so the batch fetches many rows twice or more
-    indices = torch.randint(0, SHAPE[1], (batch, SHAPE[0], topk), generator=g).to(dtype)
-    grad = torch.randn(batch, SHAPE[0], topk, SHAPE[2], generator=g)
+    indices = torch.randint(0, pairs, (batch, SHAPE[0], topk), generator=g).to(dtype)
+    grad = torch.randn(batch, SHAPE[0], topk, SHAPE[2], generator=g, dtype=values)
     return indices, grad
 
 
-def dense_reference(indices, grad):
-    out = torch.zeros(SHAPE)
+def dense_reference(indices, grad, pairs=SHAPE[1]):
+    out = torch.zeros(SHAPE[0], pairs, SHAPE[2], dtype=grad.dtype)
     codebook = torch.arange(SHAPE[0])[None, :, None].expand_as(indices)
     out.index_put_((codebook, indices.long()), grad, accumulate=True)
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def torch_coalesced(indices, grad, shape):
+    codebook = torch.arange(shape[0])[None, :, None].expand_as(indices)
+    where = torch.stack([codebook.reshape(-1), indices.long().reshape(-1)])
+    return torch.sparse_coo_tensor(where, grad.reshape(-1, shape[2]), shape,
+                                   check_invariants=True).coalesce()
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("topk", [1, 2])
-def test_coalesced_gradient_sums_duplicates_and_is_sorted_like_torchs(dtype, topk):
-    indices, grad = fetched(topk=topk, dtype=dtype)
-    ours = sparse.coalesced_fetch_grad(indices, grad, SHAPE)
-    assert ours.is_coalesced() and ours.shape == SHAPE
-    reference = torch.sparse_coo_tensor(
-        torch.stack([torch.arange(SHAPE[0])[None, :, None].expand_as(indices).reshape(-1),
-                     indices.long().reshape(-1)]),
-        grad.reshape(-1, SHAPE[2]), SHAPE, check_invariants=True).coalesce()
+@pytest.mark.parametrize("pairs, batch", [(50, 40), (1, 3), (4096, 2000), (70_000, 3000)])
+@pytest.mark.parametrize("values", [torch.float32, torch.float64])
+def test_coalesced_gradient_sums_duplicates_and_is_sorted_like_torchs(
+        dtype, topk, pairs, batch, values):
+    if dtype == torch.int16 and pairs > 2**15:
+        pytest.skip("int16 codes only hold up to 32768 pairs")
+    # 4096 and 70,000 pairs take two and three passes of the radix sort
+    indices, grad = fetched(batch=batch, topk=topk, dtype=dtype, pairs=pairs, values=values)
+    shape = torch.Size([SHAPE[0], pairs, SHAPE[2]])
+    ours = sparse.coalesced_fetch_grad(indices, grad, shape)
+    assert ours.is_coalesced() and ours.shape == shape and ours.dtype == values
+    reference = torch_coalesced(indices, grad, shape)
     assert ours._nnz() < indices.numel()  # duplicates were merged
     assert torch.equal(ours._indices(), reference._indices())  # same rows, same order
     torch.testing.assert_close(ours._values(), reference._values())
-    torch.testing.assert_close(ours.to_dense(), dense_reference(indices, grad))
+    torch.testing.assert_close(ours.to_dense(), dense_reference(indices, grad, pairs))
+
+
+def test_gradients_of_two_backward_passes_add_up_to_a_coalesced_sum():
+    values = torch.nn.Parameter(torch.zeros(SHAPE[0], 4096, SHAPE[2]))
+    bn = KeyValueBottleneck(4, SHAPE[0], 4096, 2, SHAPE[2], key_init="random", sparse_grad=True)
+    first, second = fetched(batch=300, pairs=4096, seed=1), fetched(batch=300, pairs=4096, seed=2)
+    bn.values = values
+    for indices, grad in (first, second):
+        (bn.fetch(indices) * grad).sum().backward()
+    g = values.grad.coalesce()
+    indices = torch.cat([first[0], second[0]])
+    reference = torch_coalesced(indices, torch.cat([first[1], second[1]]), values.shape)
+    assert torch.equal(g._indices(), reference._indices())
+    torch.testing.assert_close(g._values(), reference._values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_take_the_torch_path(dtype):
+    indices, grad = fetched()
+    ours = sparse.coalesced_fetch_grad(indices, grad.to(dtype), SHAPE)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.to_dense().float(), dense_reference(indices, grad),
+                               atol=0.05, rtol=0.02)
 
 
 def test_an_expanded_gradient_is_read_through_its_strides():
@@ -49,6 +83,7 @@ def test_an_expanded_gradient_is_read_through_its_strides():
     torch.testing.assert_close(ours.to_dense(), dense_reference(indices, expanded.contiguous()))
 
 
+@pytest.mark.skipif(sparse.numba is None, reason="compares the numba kernels with the fallback")
 def test_without_numba_the_torch_fallback_gives_the_same_gradient_and_step(monkeypatch):
     indices, grad = fetched()
     compiled = sparse.coalesced_fetch_grad(indices, grad, SHAPE)
