@@ -63,6 +63,12 @@ class KVBPlugin(SupervisedPlugin):
         self.batch_size = batch_size
         self.progress = progress
 
+    def before_training(self, strategy, **kwargs) -> None:
+        # with its own key data it can fit now, so an initial periodic eval (eval_every)
+        # already sees fitted keys
+        if self.key_init_loader is not None:
+            self.prepare(strategy.model, None, strategy.device)
+
     def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
         self.prepare(strategy.model, strategy.experience, strategy.device)
 
@@ -117,7 +123,10 @@ class FrozenCodesPlugin(SupervisedPlugin):
         self._train = (strategy.adapted_dataset, tensors)
 
     def after_eval_dataset_adaptation(self, strategy, **kwargs) -> None:
-        self._use_codes(strategy)
+        if bool(strategy.model.bottleneck.keys_frozen):
+            self._use_codes(strategy)
+        # else: an eval before the keys are fitted (Avalanche's initial periodic eval); the
+        # model then says itself whether it can run without fitted keys
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         dataset, tensors = self._train or (None, ())

@@ -123,6 +123,24 @@ def test_gradient_norm_is_clipped(scenario, sparse):
     assert (model.bottleneck.values.detach() - before).norm() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_periodic_eval_before_the_first_experience(scenario):
+    x = torch.cat([scenario.train_stream[i].dataset[j][0][None] for i in range(2)
+                   for j in range(120)])
+    with_loader = KVBStrategy(model=kvb_model(), train_mb_size=16, train_epochs=2, eval_every=1,
+                              key_init_loader=[x], evaluator=make_evaluator())
+    with_loader.train(scenario.train_stream[0], eval_streams=[scenario.test_stream])
+    assert bool(with_loader.model.bottleneck.keys_frozen)
+    (steps, accuracies), = [v for k, v in with_loader.evaluator.get_all_metrics().items()
+                            if k.startswith("Top1_Acc_Stream/eval_phase/test_stream")]
+    assert len(accuracies) >= 3  # before training, then after each of the 2 epochs
+    assert accuracies[0] < accuracies[-1]  # values start at zero: nothing learnt yet
+    # keys fitted from the first experience do not exist yet at the initial eval: say so
+    without = KVBStrategy(model=kvb_model(), train_mb_size=16, eval_every=1,
+                          evaluator=make_evaluator())
+    with pytest.raises(RuntimeError, match="keys are not initialised"):
+        without.train(scenario.train_stream[0], eval_streams=[scenario.test_stream])
+
+
 def test_bad_clip_value_is_refused():
     with pytest.raises(ValueError, match="clip_grad_norm"):
         KVBStrategy(model=kvb_model(), clip_grad_norm=0.0)
