@@ -108,10 +108,8 @@ def coalesced_fetch_grad(indices: Tensor, grad: Tensor, shape: torch.Size) -> Te
     compiled = (numba is not None and indices.device.type == "cpu"
                 and grad.dtype in (torch.float32, torch.float64))
     if not compiled:
-        rows = indices.long() + num_pairs * torch.arange(codebooks, device=indices.device)[
-            None, :, None]
-        rows = rows.reshape(-1)
-        where = torch.stack([rows // num_pairs, rows % num_pairs])
+        codebook = torch.arange(codebooks, device=indices.device)[None, :, None]
+        where = torch.stack([codebook.expand_as(indices).reshape(-1), indices.long().reshape(-1)])
         return torch.sparse_coo_tensor(where, grad.reshape(-1, dim), shape,
                                        check_invariants=False).coalesce()
     where, summed = _coalesce_kernel(indices.numpy(), grad.detach().numpy(), num_pairs)
