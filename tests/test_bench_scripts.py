@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks import bench_bottleneck, kvb_epochs
+from benchmarks import bench_bottleneck, cached_step_breakdown, kvb_epochs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -40,3 +40,12 @@ def test_kvb_epochs_quick_curve(tmp_path):
     # values only grow with training
     kvb = curve[(curve.strategy == "kvb") & ~curve.masked].set_index("epochs")
     assert kvb.mean_abs_value[2] > kvb.mean_abs_value[1] > 0
+
+
+def test_cached_step_breakdown_parts_add_up(tmp_path):
+    cached_step_breakdown.main(["--out", str(tmp_path), "--epochs", "1"])
+    table = pd.read_csv(tmp_path / "breakdown.csv").set_index("part").ms_per_step
+    parts = table.drop([p for p in table.index if p == "total" or p.startswith("reference")])
+    assert len(parts) == 6 and (parts > 0).all()
+    assert table["total"] == pytest.approx(parts.sum())
+    assert (table[[p for p in table.index if p.startswith("reference")]] > 0).all()
