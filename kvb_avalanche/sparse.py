@@ -1,9 +1,10 @@
 """Sparse value gradients: coalescing the fetched rows, and the SGD step that applies them.
 
-A paper-scale batch fetches 256 x 256 value rows out of 256 x 4096. PyTorch's generic sparse
-kernels handle that in per-row loops (``coalesce`` ~3.5 ms, ``dense.add_(sparse)`` ~3 ms a
-step on a 2-core CPU); the kernels here do the same work in one pass each (compiled with
-numba where it is installed, PyTorch otherwise, same results up to float rounding).
+A paper-scale batch fetches 256 x 256 value rows out of 256 x 4096. PyTorch's generic
+sparse kernels handle that in per-row loops (``coalesce`` 3.3 ms, ``dense.add_(sparse)``
+3.4 ms a step on a 2-core CPU, ``results/perf/breakdown.csv``); the kernels here do the
+same work in one pass each (compiled with numba where it is installed, PyTorch otherwise,
+same results up to float rounding).
 """
 
 from __future__ import annotations
