@@ -47,5 +47,5 @@ def test_cached_step_breakdown_parts_add_up(tmp_path):
     table = pd.read_csv(tmp_path / "breakdown.csv").set_index("part").ms_per_step
     parts = table.drop([p for p in table.index if p == "total" or p.startswith("reference")])
     assert len(parts) == 6 and (parts > 0).all()
-    assert table["total"] == pytest.approx(parts.sum())
+    assert table["total"] == pytest.approx(parts.sum(), rel=1e-4)  # the csv keeps 6 digits
     assert (table[[p for p in table.index if p.startswith("reference")]] > 0).all()
