@@ -202,21 +202,25 @@ def child(case: str, impl: str, repeats: int) -> dict:
         record("forward_backward", floor_fwd_bwd)
 
         # The memory floor of an epoch from codes: each step reads the rows its batch fetches
-        # (fresh random rows every step) and adds into them once, nothing else.
-        from kvb_avalanche.sparse import _add_rows_kernel
+        # (fresh random rows every step) and adds into them once, nothing else, with the
+        # same multi-threaded gather and add as ours.
+        from kvb_avalanche.sparse import _add_rows_kernel, _workers, fetch_rows
 
         steps = -(-EPOCH_SAMPLES // c["batch"])
-        codebook = torch.arange(c["codebooks"]).repeat(c["batch"])
         fetched = []
         for _ in range(steps):
-            pair = torch.randint(0, c["pairs"], (c["batch"] * c["codebooks"],))
-            fetched.append((codebook * c["pairs"] + pair, torch.stack([codebook, pair]).numpy()))
+            codes = torch.randint(0, c["pairs"], (c["batch"], c["codebooks"], 1))
+            where = torch.stack([torch.arange(c["codebooks"]).repeat(c["batch"]),
+                                 codes.reshape(-1)])
+            order = torch.argsort(where[0] * c["pairs"] + where[1])  # the add goes by codebook
+            fetched.append((codes, where[:, order].contiguous().numpy(), order))
         table = bn.values.detach()
+        workers = _workers(c["codebooks"])
 
         def floor_epoch():
-            for flat, where in fetched:
-                rows = table.view(-1, c["dim_values"]).index_select(0, flat)  # gather
-                _add_rows_kernel(table.numpy(), where, rows.numpy(), -1e-3)  # add back
+            for codes, where, order in fetched:
+                rows = fetch_rows(table, codes).view(-1, c["dim_values"])[order]  # gather
+                _add_rows_kernel(table.numpy(), where, rows.numpy(), -1e-3, workers)  # add
 
         record("epoch_cached_codes", floor_epoch)
         gflop = 2 * c["batch"] * c["codebooks"] * c["pairs"] * c["dim_keys"] / 1e9

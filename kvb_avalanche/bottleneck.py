@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kvb_avalanche.sparse import coalesced_fetch_grad
+from kvb_avalanche.sparse import coalesced_fetch_grad, fetch_rows
 
 Projection = Literal["random", "chunk"]
 ValuesInit = Literal["zeros", "randn"]
@@ -38,19 +38,17 @@ class _FetchSparse(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor) -> Tensor:
-        # indices: (batch, codebooks, topk) -> out (batch, codebooks, topk, dim_values)
-        codebooks, pairs, dim = values.shape
-        flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
-            None, :, None]
+    def forward(ctx, values: Tensor, indices: Tensor, usage: Tensor | None) -> Tensor:
+        # indices: (batch, codebooks, topk) -> out (batch, codebooks, topk, dim_values);
+        # each fetch is counted in usage (codebooks, pairs) where given
         ctx.save_for_backward(indices)
         ctx.shape = values.shape
-        return values.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(*flat.shape, dim)
+        return fetch_rows(values, indices, usage)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (indices,) = ctx.saved_tensors
-        return coalesced_fetch_grad(indices, grad, ctx.shape), None
+        return coalesced_fetch_grad(indices, grad, ctx.shape), None, None
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -247,10 +245,11 @@ class KeyValueBottleneck(nn.Module):
         In training mode with frozen keys the fetched keys are counted (``key_usage``).
         """
         self.check_indices(indices)
-        if self.training and bool(self.keys_frozen):
+        record = self.training and bool(self.keys_frozen)
+        if self.sparse_grad:  # counts the fetches while it gathers them
+            return _FetchSparse.apply(self.values, indices, self.key_usage if record else None)
+        if record:
             self.record_usage(indices)
-        if self.sparse_grad:
-            return _FetchSparse.apply(self.values, indices)
         codebook = torch.arange(self.codebooks, device=indices.device)[None, :, None]
         return self.values[codebook, indices.long()]
 

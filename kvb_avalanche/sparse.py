@@ -1,10 +1,14 @@
-"""Sparse value gradients: coalescing the fetched rows, and the SGD step that applies them.
+"""Fetching value rows and their sparse gradient: gather, coalesce, and the SGD step.
 
 A paper-scale batch fetches 256 x 256 value rows out of 256 x 4096. PyTorch's generic
 sparse kernels handle that in per-row loops (``coalesce`` 3.3 ms, ``dense.add_(sparse)``
 3.4 ms a step on a 2-core CPU, ``results/perf/breakdown.csv``); the kernels here do the
-same work in one pass each (compiled with numba where it is installed, PyTorch otherwise,
-same results up to float rounding).
+same work in one pass each, compiled with numba where it is installed (PyTorch
+otherwise, same results up to float rounding).
+
+The compiled kernels split the work by codebook: no two threads ever touch the same row,
+and every result is the same whatever the number of threads (numba's, see
+``numba.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -17,86 +21,204 @@ from torch import Tensor
 
 try:
     import numba
+    from numba import prange
 except ImportError:  # pragma: no cover - numba is a dependency; clean fallback
-    numba = None
+    numba, prange = None, range
 
 _RADIX_BITS = 6  # digits of the per-codebook radix sort (64 buckets stay in L1)
 
 
-def _coalesce_kernel(indices, grad, num_pairs):
-    """Sum the rows of ``grad`` that fetched the same (codebook, pair), sorted by both.
+def _span(worker, workers, codebooks):
+    """The codebooks [start, stop) that one of ``workers`` threads handles."""
+    return worker * codebooks // workers, (worker + 1) * codebooks // workers
 
-    indices: (batch, codebooks, topk) ints in [0, num_pairs); grad: (batch, codebooks,
-    topk, dim_values), any strides (the voting decoder's is an expanded view). Returns
-    (where (2, m) = (codebook, pair), summed (m, dim_values)). Within each codebook the
-    batch's indices are radix-sorted (stable, so duplicates are summed in batch order).
+
+def _gather_kernel(values, indices, usage, record, out, workers):
+    """out[b, c, k] = values[c, indices[b, c, k]], and usage[c, p] += 1 per fetch if record.
+
+    values: (codebooks, pairs, dim); indices: (batch, codebooks, topk) in [0, pairs);
+    out: (batch, codebooks, topk, dim).
+    """
+    batch, codebooks, topk = indices.shape
+    dim = values.shape[2]
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        for b in range(batch):  # writes each sample's span of out in one go
+            for c in range(start, stop):
+                for k in range(topk):
+                    p = indices[b, c, k]
+                    if record:
+                        usage[c, p] += 1
+                    for d in range(dim):
+                        out[b, c, k, d] = values[c, p, d]
+
+
+def _bits(n):
+    """Bits needed to write the numbers 0 .. n - 1."""
+    bits = 1
+    while (1 << bits) < n:
+        bits += 1
+    return bits
+
+
+def _sort_kernel(indices, num_pairs, workers):
+    """1st pass of coalescing: each codebook's fetches sorted by pair, distinct pairs counted.
+
+    indices: (batch, codebooks, topk) ints in [0, num_pairs). Returns (ordered
+    (codebooks, batch * topk) = pair << position bits | position in the batch, radix-sorted
+    (stable, so duplicates keep batch order); first_row (codebooks + 1,): where each
+    codebook's rows start among the distinct (codebook, pair) rows, the total last).
+    """
+    batch, codebooks, topk = indices.shape
+    per_codebook = batch * topk
+    pos_bits, pair_bits = _bits(per_codebook), _bits(num_pairs)
+    buckets = 1 << _RADIX_BITS
+    ordered = np.empty((codebooks, per_codebook), np.int64)
+    first_row = np.zeros(codebooks + 1, np.int64)
+    for w in prange(workers):
+        keys = np.empty(per_codebook, np.int64)
+        spare = np.empty(per_codebook, np.int64)
+        count = np.empty(buckets + 1, np.int64)
+        start, stop = _span(w, workers, codebooks)
+        for c in range(start, stop):
+            for b in range(batch):
+                for k in range(topk):
+                    keys[b * topk + k] = (np.int64(indices[b, c, k]) << pos_bits) | (b * topk + k)
+            shift = pos_bits
+            while shift < pos_bits + pair_bits:  # LSD radix sort on the pair bits
+                count[:] = 0
+                for i in range(per_codebook):
+                    count[((keys[i] >> shift) & (buckets - 1)) + 1] += 1
+                for q in range(buckets):
+                    count[q + 1] += count[q]
+                for i in range(per_codebook):
+                    digit = (keys[i] >> shift) & (buckets - 1)
+                    spare[count[digit]] = keys[i]
+                    count[digit] += 1
+                keys, spare = spare, keys
+                shift += _RADIX_BITS
+            distinct, previous = 0, -1
+            for i in range(per_codebook):
+                ordered[c, i] = keys[i]
+                if keys[i] >> pos_bits != previous:
+                    distinct += 1
+                    previous = keys[i] >> pos_bits
+            first_row[c + 1] = distinct
+    for c in range(codebooks):
+        first_row[c + 1] += first_row[c]
+    return ordered, first_row
+
+
+def _sum_runs_kernel(ordered, first_row, grad, where, summed, workers):
+    """2nd pass of coalescing: sum the grad rows of each run of equal (codebook, pair).
+
+    grad: (batch, codebooks, topk, dim_values), any strides (the voting decoder's is an
+    expanded view); fills where (2, m) = (codebook, pair), sorted by both, and summed
+    (m, dim_values).
     """
     batch, codebooks, topk, dim = grad.shape
-    per_codebook = batch * topk
-    pos_bits = 1
-    while (1 << pos_bits) < per_codebook:
-        pos_bits += 1
+    pos_bits = _bits(batch * topk)
     pos_mask = (1 << pos_bits) - 1
-    pair_bits = 1
-    while (1 << pair_bits) < num_pairs:
-        pair_bits += 1
-    buckets = 1 << _RADIX_BITS
-    where = np.empty((2, batch * codebooks * topk), np.int64)
-    summed = np.empty((batch * codebooks * topk, dim), grad.dtype)
-    keys = np.empty(per_codebook, np.int64)  # pair << pos_bits | position in the batch
-    spare = np.empty(per_codebook, np.int64)
-    count = np.empty(buckets + 1, np.int64)
-    m = 0
-    for c in range(codebooks):
-        for b in range(batch):
-            for k in range(topk):
-                keys[b * topk + k] = (np.int64(indices[b, c, k]) << pos_bits) | (b * topk + k)
-        shift = pos_bits
-        while shift < pos_bits + pair_bits:  # LSD radix sort on the pair bits
-            count[:] = 0
-            for i in range(per_codebook):
-                count[((keys[i] >> shift) & (buckets - 1)) + 1] += 1
-            for q in range(buckets):
-                count[q + 1] += count[q]
-            for i in range(per_codebook):
-                digit = (keys[i] >> shift) & (buckets - 1)
-                spare[count[digit]] = keys[i]
-                count[digit] += 1
-            keys, spare = spare, keys
-            shift += _RADIX_BITS
-        previous = -1
-        for i in range(per_codebook):
-            pair = keys[i] >> pos_bits
-            pos = keys[i] & pos_mask
-            b, k = pos // topk, pos % topk
-            if pair != previous:
-                where[0, m], where[1, m] = c, pair
-                for d in range(dim):
-                    summed[m, d] = grad[b, c, k, d]
-                m += 1
-                previous = pair
-            else:
-                for d in range(dim):
-                    summed[m - 1, d] += grad[b, c, k, d]
-    # (views: autograd copies them into a gradient of its own, which measured faster in
-    # the clipping and SGD step that follow than handing it these buffers as they are)
-    return where[:, :m], summed[:m]
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        for c in range(start, stop):
+            row, previous = first_row[c] - 1, -1
+            for i in range(batch * topk):
+                pair = ordered[c, i] >> pos_bits
+                pos = ordered[c, i] & pos_mask
+                b, k = pos // topk, pos % topk
+                if pair != previous:
+                    row += 1
+                    previous = pair
+                    where[0, row], where[1, row] = c, pair
+                    for d in range(dim):
+                        summed[row, d] = grad[b, c, k, d]
+                else:
+                    for d in range(dim):
+                        summed[row, d] += grad[b, c, k, d]
 
 
-def _add_rows_kernel(table, where, rows, alpha):
-    """table[c, p] += alpha * rows[i] for (c, p) = where[:, i]."""
-    dim = table.shape[2]
-    for i in range(where.shape[1]):
-        c, p = where[0, i], where[1, i]
-        for d in range(dim):
-            table[c, p, d] += alpha * rows[i, d]
+def _add_rows_kernel(table, where, rows, alpha, workers):
+    """table[c, p] += alpha * rows[i] for (c, p) = where[:, i], ``where`` sorted by codebook."""
+    codebooks, dim = table.shape[0], table.shape[2]
+    codebook = where[0]
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        for i in range(np.searchsorted(codebook, start), np.searchsorted(codebook, stop)):
+            c, p = where[0, i], where[1, i]
+            for d in range(dim):
+                table[c, p, d] += alpha * rows[i, d]
 
 
-# Serial on purpose: numba's threads and PyTorch's OpenMP pool fight over the cores
-# (a parallel version measured 2-3x slower per training step on 2 cores).
+def _strictly_sorted_kernel(where):
+    """Whether the (2, m) (codebook, pair) indices are sorted by both, with no repeats."""
+    for i in range(1, where.shape[1]):
+        if where[0, i] < where[0, i - 1] or (
+                where[0, i] == where[0, i - 1] and where[1, i] <= where[1, i - 1]):
+            return False
+    return True
+
+
 if numba is not None:
-    _coalesce_kernel = numba.njit(cache=True)(_coalesce_kernel)
-    _add_rows_kernel = numba.njit(cache=True)(_add_rows_kernel)
+    _strictly_sorted_kernel = numba.njit(cache=True)(_strictly_sorted_kernel)
+    _span = numba.njit(cache=True, inline="always")(_span)
+    _gather_kernel = numba.njit(cache=True, parallel=True)(_gather_kernel)
+    _bits = numba.njit(cache=True, inline="always")(_bits)
+    _sort_kernel = numba.njit(cache=True, parallel=True)(_sort_kernel)
+    _sum_runs_kernel = numba.njit(cache=True, parallel=True)(_sum_runs_kernel)
+    _add_rows_kernel = numba.njit(cache=True, parallel=True)(_add_rows_kernel)
+
+
+def _workers(codebooks: int) -> int:
+    return max(1, min(codebooks, numba.get_num_threads()))
+
+
+def _compiled(*tensors: Tensor) -> bool:
+    """Whether the numba kernels take these tensors (CPU, float32/64 values)."""
+    return numba is not None and all(t.device.type == "cpu" for t in tensors) and all(
+        t.dtype in (torch.float32, torch.float64) for t in tensors if t.is_floating_point())
+
+
+def fetch_rows(values: Tensor, indices: Tensor, usage: Tensor | None = None) -> Tensor:
+    """``values[c, indices[b, c, k]]`` for every (b, c, k), no autograd; counts each fetch in
+    ``usage`` (codebooks, pairs) where given.
+
+    values: (codebooks, pairs, dim); indices: (batch, codebooks, topk) ints, already checked
+    to lie in [0, pairs). Returns (batch, codebooks, topk, dim).
+    """
+    codebooks, pairs, dim = values.shape
+    if not _compiled(values, indices):
+        if usage is not None:
+            flat = indices.long().transpose(0, 1).reshape(codebooks, -1)  # (codebooks, n)
+            usage.scatter_add_(1, flat, torch.ones_like(flat))
+        flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
+            None, :, None]
+        return values.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(*flat.shape, dim)
+    # outputs are allocated by PyTorch: gradients in numba-allocated memory measured 10x
+    # slower to clip and apply in the steps that follow
+    out = values.new_empty((*indices.shape, dim))
+    record = usage is not None
+    usage = usage if record else torch.zeros(1, 1, dtype=torch.long)
+    _gather_kernel(values.detach().numpy(), indices.numpy(), usage.numpy(), record,
+                   out.numpy(), _workers(codebooks))
+    return out
+
+
+def as_coalesced(grad: Tensor) -> Tensor:
+    """A sparse (codebooks, pairs, dim) gradient flagged as coalesced, without re-sorting it
+    when it already is.
+
+    Autograd hands the coalesced gradient of :func:`coalesced_fetch_grad` over without a
+    copy but loses its coalesced flag on the way (it rebuilds the tensor from its indices
+    and values); checking the order is one pass, ``coalesce()`` a sort (2.7 ms a step at
+    the paper scale).
+    """
+    if grad.is_coalesced():
+        return grad
+    if (_compiled(grad) and grad.sparse_dim() == 2
+            and _strictly_sorted_kernel(grad._indices().numpy())):
+        return grad._coalesced_(True)
+    return grad.coalesce()
 
 
 def coalesced_fetch_grad(indices: Tensor, grad: Tensor, shape: torch.Size) -> Tensor:
@@ -106,16 +228,20 @@ def coalesced_fetch_grad(indices: Tensor, grad: Tensor, shape: torch.Size) -> Te
     shape: (codebooks, num_pairs, dim_values). Returns a sparse COO tensor of ``shape``.
     """
     codebooks, num_pairs, dim = shape
-    compiled = (numba is not None and indices.device.type == "cpu"
-                and grad.dtype in (torch.float32, torch.float64))
-    if not compiled:
+    if not (_compiled(indices, grad) and grad.dtype in (torch.float32, torch.float64)):
         codebook = torch.arange(codebooks, device=indices.device)[None, :, None]
         where = torch.stack([codebook.expand_as(indices).reshape(-1), indices.long().reshape(-1)])
         return torch.sparse_coo_tensor(where, grad.reshape(-1, dim), shape,
                                        check_invariants=False).coalesce()
-    where, summed = _coalesce_kernel(indices.numpy(), grad.detach().numpy(), num_pairs)
-    return torch.sparse_coo_tensor(torch.from_numpy(where), torch.from_numpy(summed), shape,
-                                   is_coalesced=True, check_invariants=False)
+    workers = _workers(codebooks)
+    ordered, first_row = _sort_kernel(indices.numpy(), num_pairs, workers)
+    rows = int(first_row[-1])
+    where = torch.empty(2, rows, dtype=torch.long)
+    summed = grad.new_empty(rows, dim)
+    _sum_runs_kernel(ordered, first_row, grad.detach().numpy(), where.numpy(), summed.numpy(),
+                     workers)
+    return torch.sparse_coo_tensor(where, summed, shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 class SparseSGD(torch.optim.Optimizer):
@@ -139,13 +265,12 @@ class SparseSGD(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                fast = (numba is not None and g.is_sparse and p.device.type == "cpu"
-                        and p.dim() == 3 and g.sparse_dim() == 2
-                        and p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype)
+                fast = (g.is_sparse and _compiled(p) and p.dim() == 3 and g.sparse_dim() == 2
+                        and g.dtype == p.dtype)
                 if not fast:
                     p.add_(g, alpha=-group["lr"])
                     continue
-                g = g if g.is_coalesced() else g.coalesce()
+                g = as_coalesced(g)
                 _add_rows_kernel(p.detach().numpy(), g._indices().numpy(),
-                                 g._values().detach().numpy(), -group["lr"])
+                                 g._values().detach().numpy(), -group["lr"], _workers(p.shape[0]))
         return loss

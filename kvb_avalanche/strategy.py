@@ -13,7 +13,7 @@ from torch import nn
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
-from kvb_avalanche.sparse import SparseSGD
+from kvb_avalanche.sparse import SparseSGD, as_coalesced
 
 
 class KVBStrategy(SupervisedTemplate):
@@ -81,7 +81,7 @@ def _dense_part(g: torch.Tensor) -> torch.Tensor:
     """The stored values of a sparse gradient (summed duplicates), or the dense gradient."""
     if not g.is_sparse:
         return g
-    return (g if g.is_coalesced() else g.coalesce())._values()
+    return as_coalesced(g)._values()
 
 
 @torch.no_grad()

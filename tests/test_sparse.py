@@ -145,3 +145,69 @@ def test_a_training_step_through_the_bottleneck_matches_the_dense_one():
             optimizer.step()
         values.append(bn.values.detach())
     torch.testing.assert_close(values[0], values[1])
+
+
+@pytest.mark.skipif(sparse.numba is None, reason="the numba kernels' thread count")
+def test_the_compiled_kernels_give_the_same_bits_whatever_the_thread_count():
+    # the work is split by codebook; a split that summed across threads would differ in bits
+    indices, grad = fetched(batch=500, pairs=4096, seed=3)
+    values = torch.randn(SHAPE[0], 4096, SHAPE[2])
+    results = []
+    before = sparse.numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            sparse.numba.set_num_threads(threads)
+            usage = torch.zeros(SHAPE[0], 4096, dtype=torch.long)
+            out = sparse.fetch_rows(values, indices, usage)
+            g = sparse.coalesced_fetch_grad(indices, grad, values.shape)
+            p = torch.nn.Parameter(values.clone())
+            p.grad = g
+            SparseSGD([p], lr=0.7).step()
+            results.append((out, usage, g._indices(), g._values(), p.detach()))
+    finally:
+        sparse.numba.set_num_threads(before)
+    for a, b in zip(results[0], results[-1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(sparse.numba is None, reason="compares the numba kernels with the fallback")
+def test_fetch_rows_and_its_usage_count_match_the_torch_fallback(monkeypatch):
+    indices, _ = fetched(batch=300, topk=2, dtype=torch.int16)
+    values = torch.randn(SHAPE)
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(sparse, "numba", None)
+        usage = torch.zeros(SHAPE[:2], dtype=torch.long)
+        results.append((sparse.fetch_rows(values, indices, usage), usage))
+    (out, usage), (out_fallback, usage_fallback) = results
+    codebook = torch.arange(SHAPE[0])[None, :, None]
+    assert torch.equal(out, values[codebook, indices.long()])  # a gather is exact
+    assert torch.equal(out, out_fallback) and torch.equal(usage, usage_fallback)
+    assert usage.sum() == indices.numel() and usage.max() > 1  # repeats are counted
+
+
+def test_autograds_gradient_is_flagged_coalesced_again_without_resorting(monkeypatch):
+    # autograd keeps the backward's tensors but drops their coalesced flag on the way
+    bn = KeyValueBottleneck(4, SHAPE[0], 4096, 2, SHAPE[2], key_init="random", sparse_grad=True)
+    indices, grad = fetched(batch=300, pairs=4096)
+    (bn.fetch(indices) * grad).sum().backward()
+    g = bn.values.grad
+    reference = torch_coalesced(indices, grad, bn.values.shape)
+
+    def no_sort(self):
+        raise AssertionError("coalesce() called on an already sorted gradient")
+
+    if sparse.numba is not None:
+        monkeypatch.setattr(torch.Tensor, "coalesce", no_sort)
+    flagged = sparse.as_coalesced(g)
+    monkeypatch.undo()
+    assert flagged.is_coalesced()
+    assert torch.equal(flagged._indices(), reference._indices())
+    torch.testing.assert_close(flagged._values(), reference._values())
+    # an unsorted gradient with repeats is coalesced for real, not merely flagged
+    raw = torch.sparse_coo_tensor(torch.tensor([[1, 0, 1], [5, 2, 5]]), torch.ones(3, SHAPE[2]),
+                                  SHAPE)
+    fixed = sparse.as_coalesced(raw)
+    assert fixed._indices().tolist() == [[0, 1], [2, 5]]
+    assert fixed._values()[:, 0].tolist() == [1.0, 2.0]
