@@ -203,24 +203,26 @@ def child(case: str, impl: str, repeats: int) -> dict:
 
         # The memory floor of an epoch from codes: each step reads the rows its batch fetches
         # (fresh random rows every step) and adds into them once, nothing else, with the
-        # same multi-threaded gather and add as ours.
+        # same multi-threaded gather and add as ours. The codes are laid out codebook by
+        # codebook, (1, codebooks, batch), so the gathered rows already are in the order
+        # the add takes them.
         from kvb_avalanche.sparse import _add_rows_kernel, _workers, fetch_rows
 
         steps = -(-EPOCH_SAMPLES // c["batch"])
         fetched = []
         for _ in range(steps):
-            codes = torch.randint(0, c["pairs"], (c["batch"], c["codebooks"], 1))
-            where = torch.stack([torch.arange(c["codebooks"]).repeat(c["batch"]),
-                                 codes.reshape(-1)])
-            order = torch.argsort(where[0] * c["pairs"] + where[1])  # the add goes by codebook
-            fetched.append((codes, where[:, order].contiguous().numpy(), order))
+            pairs = torch.randint(0, c["pairs"], (c["codebooks"], c["batch"])).sort(-1).values
+            where = torch.stack([torch.arange(c["codebooks"]).repeat_interleave(c["batch"]),
+                                 pairs.reshape(-1)])
+            fetched.append((pairs[None], where.numpy()))
         table = bn.values.detach()
         workers = _workers(c["codebooks"])
 
         def floor_epoch():
-            for codes, where, order in fetched:
-                rows = fetch_rows(table, codes).view(-1, c["dim_values"])[order]  # gather
-                _add_rows_kernel(table.numpy(), where, rows.numpy(), -1e-3, workers)  # add
+            for codes, where in fetched:
+                rows = fetch_rows(table, codes)  # gather, (1, codebooks, batch, dim_values)
+                _add_rows_kernel(table.numpy(), where, rows.view(-1, c["dim_values"]).numpy(),
+                                 -1e-3, workers)  # add
 
         record("epoch_cached_codes", floor_epoch)
         gflop = 2 * c["batch"] * c["codebooks"] * c["pairs"] * c["dim_keys"] / 1e9
@@ -287,8 +289,8 @@ def embedding_child(repeats: int, images: int = 512, resolution: int = 64) -> di
 def run_child(case: str, impl: str, repeats: int, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--child", case, impl, "--repeats", str(repeats)]
     env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if threads:  # PyTorch's pool and numba's (the sparse kernels)
+        env["OMP_NUM_THREADS"] = env["NUMBA_NUM_THREADS"] = str(threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode < 0:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

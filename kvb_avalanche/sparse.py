@@ -97,7 +97,8 @@ def _sort_kernel(indices, num_pairs, workers):
                     count[digit] += 1
                 keys, spare = spare, keys
                 shift += _RADIX_BITS
-            distinct, previous = 0, -1
+            distinct = 0
+            previous = -1
             for i in range(per_codebook):
                 ordered[c, i] = keys[i]
                 if keys[i] >> pos_bits != previous:
@@ -122,7 +123,8 @@ def _sum_runs_kernel(ordered, first_row, grad, where, summed, workers):
     for w in prange(workers):
         start, stop = _span(w, workers, codebooks)
         for c in range(start, stop):
-            row, previous = first_row[c] - 1, -1
+            row = first_row[c] - 1
+            previous = -1
             for i in range(batch * topk):
                 pair = ordered[c, i] >> pos_bits
                 pos = ordered[c, i] & pos_mask
@@ -130,7 +132,8 @@ def _sum_runs_kernel(ordered, first_row, grad, where, summed, workers):
                 if pair != previous:
                     row += 1
                     previous = pair
-                    where[0, row], where[1, row] = c, pair
+                    where[0, row] = c
+                    where[1, row] = pair
                     for d in range(dim):
                         summed[row, d] = grad[b, c, k, d]
                 else:
@@ -145,7 +148,8 @@ def _add_rows_kernel(table, where, rows, alpha, workers):
     for w in prange(workers):
         start, stop = _span(w, workers, codebooks)
         for i in range(np.searchsorted(codebook, start), np.searchsorted(codebook, stop)):
-            c, p = where[0, i], where[1, i]
+            c = where[0, i]
+            p = where[1, i]
             for d in range(dim):
                 table[c, p, d] += alpha * rows[i, d]
 
@@ -183,17 +187,23 @@ def fetch_rows(values: Tensor, indices: Tensor, usage: Tensor | None = None) -> 
     """``values[c, indices[b, c, k]]`` for every (b, c, k), no autograd; counts each fetch in
     ``usage`` (codebooks, pairs) where given.
 
-    values: (codebooks, pairs, dim); indices: (batch, codebooks, topk) ints, already checked
-    to lie in [0, pairs). Returns (batch, codebooks, topk, dim).
+    values: (codebooks, pairs, dim); indices: (batch, codebooks, topk) ints, which the caller
+    has checked lie in [0, pairs) (:meth:`KeyValueBottleneck.check_indices`: the compiled
+    kernel does not check bounds). Returns (batch, codebooks, topk, dim).
     """
     codebooks, pairs, dim = values.shape
+    if indices.dim() != 3 or indices.shape[1] != codebooks:
+        raise ValueError(f"indices must have shape (batch, {codebooks}, topk), "
+                         f"got {tuple(indices.shape)}")
     if not _compiled(values, indices):
-        if usage is not None:
-            flat = indices.long().transpose(0, 1).reshape(codebooks, -1)  # (codebooks, n)
-            usage.scatter_add_(1, flat, torch.ones_like(flat))
-        flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
-            None, :, None]
-        return values.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(*flat.shape, dim)
+        with torch.no_grad():
+            if usage is not None:
+                flat = indices.long().transpose(0, 1).reshape(codebooks, -1)  # (codebooks, n)
+                usage.scatter_add_(1, flat, torch.ones_like(flat))
+            flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
+                None, :, None]
+            rows = values.reshape(-1, dim).index_select(0, flat.reshape(-1))
+            return rows.view(*flat.shape, dim)
     # outputs are allocated by PyTorch: gradients in numba-allocated memory measured 10x
     # slower to clip and apply in the steps that follow
     out = values.new_empty((*indices.shape, dim))
@@ -247,7 +257,10 @@ def coalesced_fetch_grad(indices: Tensor, grad: Tensor, shape: torch.Size) -> Te
 class SparseSGD(torch.optim.Optimizer):
     """Plain SGD (``p -= lr * grad``; no momentum, no weight decay) that applies a coalesced
     sparse gradient of a (codebooks, pairs, dim) table in one pass, where
-    ``torch.optim.SGD`` loops over its rows. Any other gradient is applied as SGD does."""
+    ``torch.optim.SGD`` loops over its rows. Any other gradient is applied as SGD does.
+
+    A sparse gradient is first checked to be sorted with no repeats (or coalesced); one
+    built with ``is_coalesced=True`` and ``check_invariants=False`` is trusted to be so."""
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float) -> None:
         if not lr > 0:

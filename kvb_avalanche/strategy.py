@@ -77,23 +77,19 @@ class KVBStrategy(SupervisedTemplate):
         super().optimizer_step()
 
 
-def _dense_part(g: torch.Tensor) -> torch.Tensor:
-    """The stored values of a sparse gradient (summed duplicates), or the dense gradient."""
-    if not g.is_sparse:
-        return g
-    return as_coalesced(g)._values()
-
-
 @torch.no_grad()
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` that also takes sparse gradients. Returns the norm."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
         return 0.0
-    norms = [_dense_part(g).norm() for g in grads]
+    for p in params:  # sum a sparse gradient's duplicates once, for this and the step
+        if p.grad.is_sparse:
+            p.grad = as_coalesced(p.grad)
+    norms = [(p.grad._values() if p.grad.is_sparse else p.grad).norm() for p in params]
     total = torch.stack(norms).norm()
     scale = max_norm / (total + 1e-6)
     if scale < 1:
-        for g in grads:
-            g.mul_(scale)
+        for p in params:
+            p.grad.mul_(scale)
     return float(total)

@@ -147,26 +147,41 @@ def test_a_training_step_through_the_bottleneck_matches_the_dense_one():
     torch.testing.assert_close(values[0], values[1])
 
 
-@pytest.mark.skipif(sparse.numba is None, reason="the numba kernels' thread count")
+@pytest.mark.skipif(sparse.numba is None or sparse.numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="compares numba's kernels on one thread and on several")
 def test_the_compiled_kernels_give_the_same_bits_whatever_the_thread_count():
-    # the work is split by codebook; a split that summed across threads would differ in bits
-    indices, grad = fetched(batch=500, pairs=4096, seed=3)
-    values = torch.randn(SHAPE[0], 4096, SHAPE[2])
-    results = []
+    # the work is split by codebook; a split that summed across threads would differ in
+    # bits. 7 codebooks do not split evenly; codebook 3 fetches nothing (an empty span).
+    g = torch.Generator().manual_seed(3)
+    indices = torch.randint(0, 4096, (500, 7, 2), generator=g)
+    indices[:, 3] = indices[:, 2]
+    grad = torch.randn(500, 7, 2, SHAPE[2], generator=g)
+    grad[:, 3] = 0
+    values = torch.randn(7, 4096, SHAPE[2], generator=g)
     before = sparse.numba.get_num_threads()
+    results = []
     try:
-        for threads in sorted({1, before}):
+        for threads in (1, sparse.numba.config.NUMBA_NUM_THREADS):
             sparse.numba.set_num_threads(threads)
-            usage = torch.zeros(SHAPE[0], 4096, dtype=torch.long)
+            usage = torch.zeros(7, 4096, dtype=torch.long)
             out = sparse.fetch_rows(values, indices, usage)
-            g = sparse.coalesced_fetch_grad(indices, grad, values.shape)
+            grad_values = sparse.coalesced_fetch_grad(indices, grad, values.shape)
+            keep = grad_values._indices()[0] != 3  # no gradient row in codebook 3
+            grad_values = torch.sparse_coo_tensor(
+                grad_values._indices()[:, keep], grad_values._values()[keep], values.shape,
+                is_coalesced=True)
             p = torch.nn.Parameter(values.clone())
-            p.grad = g
+            p.grad = grad_values
             SparseSGD([p], lr=0.7).step()
-            results.append((out, usage, g._indices(), g._values(), p.detach()))
+            results.append((out, usage, grad_values._indices(), grad_values._values(),
+                            p.detach()))
     finally:
         sparse.numba.set_num_threads(before)
-    for a, b in zip(results[0], results[-1], strict=True):
+    reference = values.clone()
+    reference.index_put_(tuple(results[0][2]), results[0][3], accumulate=True)
+    assert torch.equal(results[0][4][3], values[3])  # the empty codebook is untouched
+    torch.testing.assert_close(results[0][4], values + (reference - values) * -0.7)
+    for a, b in zip(results[0], results[1], strict=True):
         assert torch.equal(a, b)
 
 
@@ -193,6 +208,8 @@ def test_autograds_gradient_is_flagged_coalesced_again_without_resorting(monkeyp
     indices, grad = fetched(batch=300, pairs=4096)
     (bn.fetch(indices) * grad).sum().backward()
     g = bn.values.grad
+    # if a PyTorch release keeps the flag, as_coalesced has nothing left to do
+    assert not g.is_coalesced(), "autograd kept the coalesced flag"
     reference = torch_coalesced(indices, grad, bn.values.shape)
 
     def no_sort(self):
@@ -202,12 +219,23 @@ def test_autograds_gradient_is_flagged_coalesced_again_without_resorting(monkeyp
         monkeypatch.setattr(torch.Tensor, "coalesce", no_sort)
     flagged = sparse.as_coalesced(g)
     monkeypatch.undo()
-    assert flagged.is_coalesced()
+    assert flagged.is_coalesced() and (flagged is g or sparse.numba is None)
     assert torch.equal(flagged._indices(), reference._indices())
     torch.testing.assert_close(flagged._values(), reference._values())
-    # an unsorted gradient with repeats is coalesced for real, not merely flagged
-    raw = torch.sparse_coo_tensor(torch.tensor([[1, 0, 1], [5, 2, 5]]), torch.ones(3, SHAPE[2]),
-                                  SHAPE)
-    fixed = sparse.as_coalesced(raw)
-    assert fixed._indices().tolist() == [[0, 1], [2, 5]]
-    assert fixed._values()[:, 0].tolist() == [1.0, 2.0]
+    # unsorted codebooks, unsorted pairs within a codebook, a repeat in sorted order: each is
+    # coalesced for real, not merely flagged
+    for where, expected, summed in (([[1, 0, 1], [5, 2, 5]], [[0, 1], [2, 5]], [1.0, 2.0]),
+                                    ([[0, 0, 1], [5, 2, 0]], [[0, 0, 1], [2, 5, 0]], [1.0] * 3),
+                                    ([[0, 0, 1], [2, 2, 0]], [[0, 1], [2, 0]], [2.0, 1.0])):
+        raw = torch.sparse_coo_tensor(torch.tensor(where), torch.ones(3, SHAPE[2]), SHAPE)
+        fixed = sparse.as_coalesced(raw)
+        assert fixed.is_coalesced() and fixed._indices().tolist() == expected
+        assert fixed._values()[:, 0].tolist() == summed
+
+
+def test_fetch_rows_refuses_indices_of_the_wrong_shape_before_touching_memory():
+    values = torch.randn(SHAPE)
+    for bad in (torch.zeros(4, SHAPE[0] + 1, 1, dtype=torch.long),
+                torch.zeros(4, SHAPE[0], dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"indices must have shape \(batch, 6, topk\)"):
+            sparse.fetch_rows(values, bad)
