@@ -169,7 +169,7 @@ def test_the_compiled_kernels_give_the_same_bits_whatever_the_thread_count():
             keep = grad_values._indices()[0] != 3  # no gradient row in codebook 3
             grad_values = torch.sparse_coo_tensor(
                 grad_values._indices()[:, keep], grad_values._values()[keep], values.shape,
-                is_coalesced=True)
+                is_coalesced=True, check_invariants=True)
             p = torch.nn.Parameter(values.clone())
             p.grad = grad_values
             SparseSGD([p], lr=0.7).step()
