@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kvb_avalanche.sparse import coalesced_fetch_grad, fetch_rows
+from kvb_avalanche.sparse import coalesced_fetch_grad, count_fetches, fetch_rows
 
 Projection = Literal["random", "chunk"]
 ValuesInit = Literal["zeros", "randn"]
@@ -279,8 +279,7 @@ class KeyValueBottleneck(nn.Module):
     @torch.no_grad()
     def record_usage(self, indices: Tensor) -> None:
         """Count fetched keys (for evaluation-time masking of never-trained keys)."""
-        flat = indices.long().transpose(0, 1).reshape(self.codebooks, -1)  # (codebooks, n)
-        self.key_usage.scatter_add_(1, flat, torch.ones_like(flat))
+        count_fetches(self.key_usage, indices)
 
     # ------------------------------------------------------------------ state
     def freeze_keys(self) -> None:

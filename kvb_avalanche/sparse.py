@@ -1,8 +1,8 @@
 """Fetching value rows and their sparse gradient: gather, coalesce, and the SGD step.
 
 A paper-scale batch fetches 256 x 256 value rows out of 256 x 4096. PyTorch's generic
-sparse kernels handle that in per-row loops (``coalesce`` 3.3 ms, ``dense.add_(sparse)``
-3.4 ms a step on a 2-core CPU, ``results/perf/breakdown.csv``); the kernels here do the
+sparse kernels handle that in per-row loops (``coalesce`` and ``dense.add_(sparse)`` about
+3 ms each a step on a 2-core CPU, ``results/perf/breakdown.csv``); the kernels here do the
 same work in one pass each, compiled with numba where it is installed (PyTorch
 otherwise, same results up to float rounding).
 
@@ -183,6 +183,12 @@ def _compiled(*tensors: Tensor) -> bool:
         t.dtype in (torch.float32, torch.float64) for t in tensors if t.is_floating_point())
 
 
+def count_fetches(usage: Tensor, indices: Tensor) -> None:
+    """usage[c, indices[b, c, k]] += 1 for every (b, c, k); usage: (codebooks, pairs) long."""
+    flat = indices.long().transpose(0, 1).reshape(usage.shape[0], -1)  # (codebooks, n)
+    usage.scatter_add_(1, flat, torch.ones_like(flat))
+
+
 def fetch_rows(values: Tensor, indices: Tensor, usage: Tensor | None = None) -> Tensor:
     """``values[c, indices[b, c, k]]`` for every (b, c, k), no autograd; counts each fetch in
     ``usage`` (codebooks, pairs) where given.
@@ -198,15 +204,12 @@ def fetch_rows(values: Tensor, indices: Tensor, usage: Tensor | None = None) -> 
     if not _compiled(values, indices):
         with torch.no_grad():
             if usage is not None:
-                flat = indices.long().transpose(0, 1).reshape(codebooks, -1)  # (codebooks, n)
-                usage.scatter_add_(1, flat, torch.ones_like(flat))
+                count_fetches(usage, indices)
             flat = indices.long() + pairs * torch.arange(codebooks, device=indices.device)[
                 None, :, None]
             rows = values.reshape(-1, dim).index_select(0, flat.reshape(-1))
             return rows.view(*flat.shape, dim)
-    # outputs are allocated by PyTorch: gradients in numba-allocated memory measured 10x
-    # slower to clip and apply in the steps that follow
-    out = values.new_empty((*indices.shape, dim))
+    out = values.new_empty((*indices.shape, dim))  # the kernels fill PyTorch's tensors
     record = usage is not None
     usage = usage if record else torch.zeros(1, 1, dtype=torch.long)
     _gather_kernel(values.detach().numpy(), indices.numpy(), usage.numpy(), record,
@@ -220,8 +223,8 @@ def as_coalesced(grad: Tensor) -> Tensor:
 
     Autograd hands the coalesced gradient of :func:`coalesced_fetch_grad` over without a
     copy but loses its coalesced flag on the way (it rebuilds the tensor from its indices
-    and values); checking the order is one pass, ``coalesce()`` a sort (2.7 ms a step at
-    the paper scale).
+    and values); checking the order is one pass, ``coalesce()`` a sort (about 3 ms a step
+    at the paper scale, ``results/perf/breakdown.csv``).
     """
     if grad.is_coalesced():
         return grad
