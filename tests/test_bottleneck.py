@@ -204,6 +204,28 @@ def test_sparse_gradient_equals_the_dense_one_and_sgd_takes_it():
     torch.testing.assert_close(sparse.values.detach(), before - 0.1 * dense.values.grad)
 
 
+def test_every_fetch_path_counts_key_usage_alike():
+    # sparse with autograd (counted while sorting for the backward), sparse without
+    # autograd, and the dense path
+    indices = torch.randint(0, 16, (50, 4, 2), generator=torch.Generator().manual_seed(0))
+    counts = []
+    for sparse_grad, grad in ((True, True), (True, False), (False, True)):
+        bn = KeyValueBottleneck(8, 4, 16, 2, 3, key_init="random", sparse_grad=sparse_grad)
+        bn.freeze_keys()
+        with torch.set_grad_enabled(grad):
+            out = bn.fetch(indices)
+        assert out.requires_grad == grad
+        counts.append(bn.key_usage.clone())
+        bn.eval()
+        bn.fetch(indices)  # not counted outside training
+        assert torch.equal(bn.key_usage, counts[-1])
+    reference = torch.zeros(4, 16, dtype=torch.long)
+    for c in range(4):
+        reference[c] = torch.bincount(indices[:, c].reshape(-1), minlength=16)
+    for usage in counts:
+        assert torch.equal(usage, reference)
+
+
 @pytest.mark.parametrize("bad, message", [
     (torch.full((2, 4, 1), 16), r"indices must lie in \[0, num_pairs=16\), got values from 16"),
     (torch.full((2, 4, 1), -1), r"indices must lie in \[0, num_pairs=16\), got values from -1"),
