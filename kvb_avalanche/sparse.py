@@ -43,8 +43,8 @@ def _gather_kernel(values, indices, usage, record, out, workers):
     dim = values.shape[2]
     for w in prange(workers):
         start, stop = _span(w, workers, codebooks)
-        for b in range(batch):  # writes each sample's span of out in one go
-            for c in range(start, stop):
+        for c in range(start, stop):  # one codebook's values and usage stay in cache
+            for b in range(batch):
                 for k in range(topk):
                     p = indices[b, c, k]
                     if record:
