@@ -205,7 +205,7 @@ def test_sparse_gradient_equals_the_dense_one_and_sgd_takes_it():
 
 
 def test_every_fetch_path_counts_key_usage_alike():
-    # sparse with autograd (counted while sorting for the backward), sparse without
+    # sparse with autograd (counted by the gather kernel), sparse without
     # autograd, and the dense path
     indices = torch.randint(0, 16, (50, 4, 2), generator=torch.Generator().manual_seed(0))
     counts = []
