@@ -5,7 +5,9 @@ given). Under a root, these layouts are recognised, tried in this order:
 
 1. torchvision's python folders ``cifar-10-batches-py`` (``data_batch_1`` .. ``_5``,
    ``test_batch``, ``batches.meta``) and ``cifar-100-python`` (``train``, ``test``, ``meta``;
-   fine labels), read with :mod:`pickle` directly (no md5 check of the original files);
+   fine labels), read with :mod:`pickle` directly (no md5 check of the original files),
+   directly under the root or under ``<name>/`` (Avalanche's download layout,
+   ``~/.avalanche/data/cifar10/cifar-10-batches-py``);
 2. an ImageFolder tree ``<name>/<split>/<class>/*.png|webp|jpg|jpeg``;
 3. tar archives ``<name>/*.tar|*.tar.gz|*.tgz`` with members ``<name>/<split>/<class>/<file>``,
    read without extracting. Several archives may together make up one split (CIFAR-100
@@ -110,8 +112,8 @@ def _layouts_help(name: str, split: str) -> str:
     files = ", ".join(_PICKLE_FILES[name, split] + [_PICKLE_KEYS[name][0]])
     return (
         f"Accepted layouts under a data root: (1) torchvision's python folder "
-        f"'{PICKLE_DIRS[name]}/' ({files}); (2) an ImageFolder tree "
-        f"'{name}/{split}/<class>/*.png|webp|jpg|jpeg'; (3) tar archives "
+        f"'{PICKLE_DIRS[name]}/' or '{name}/{PICKLE_DIRS[name]}/' ({files}); (2) an "
+        f"ImageFolder tree '{name}/{split}/<class>/*.png|webp|jpg|jpeg'; (3) tar archives "
         f"'{name}/*.tar|*.tar.gz|*.tgz' with members '{name}/{split}/<class>/<file>'. "
         f"To download it (needs a network): python benchmarks/split_cifar10.py --download, "
         f"or torchvision.datasets.{tv}(root, download=True); or set $KVB_DATA_ROOT / "
@@ -275,10 +277,11 @@ def _from_archives(folder: Path, name: str, split: str, max_per_class: int | Non
 def _find(root: Path, name: str, split: str, max_per_class: int | None, progress: bool,
           notes: list[str]) -> _Raw | None:
     """The first recognised layout under one root, or None."""
-    if (root / PICKLE_DIRS[name]).is_dir():
-        got = _from_pickles(root / PICKLE_DIRS[name], name, split, notes)
-        if got is not None:
-            return got
+    for folder in (root / PICKLE_DIRS[name], root / name / PICKLE_DIRS[name]):
+        if folder.is_dir():
+            got = _from_pickles(folder, name, split, notes)
+            if got is not None:
+                return got
     if (root / name / split).is_dir():
         got = _from_tree(root / name / split, max_per_class, progress, notes)
         if got is not None:

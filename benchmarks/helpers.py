@@ -7,6 +7,7 @@ Every strategy of a benchmark goes through :func:`run_stream` with an evaluator 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,10 @@ from avalanche.logging import BaseLogger
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import TensorDataset
 
+from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
 from kvb_avalanche.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ["strategy", "seed", "final_accuracy", "average_forgetting", "train_seconds"]
 MATRIX_COLUMNS = ["strategy", "seed", "trained_through", "evaluated_on", "accuracy"]
@@ -71,20 +75,39 @@ def evaluate(strategy, benchmark, name: str, seed: int, trained_through: int) ->
 def run_stream(
     strategy, benchmark, name: str, seed: int,
     after_experience: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+    state: dict | None = None,
 ) -> tuple[list[dict], float]:
     """Train on each experience in turn, evaluating the whole test stream after each.
 
     Returns accuracy-matrix rows and the training wall time in seconds (evaluation excluded).
     ``after_experience(t)`` is called after training on experience t, before its evaluation.
+
+    With ``checkpoint``, the strategy, the rows so far and ``state`` (a dict the caller
+    fills, e.g. from ``after_experience``) are saved there after every experience; a
+    checkpoint found at the start is resumed from, restoring them (``state`` in place).
     """
-    rows, train_seconds = [], 0.0
+    rows, train_seconds, start_at = [], 0.0, 0
+    if checkpoint is not None:
+        start_at, progress = maybe_load_checkpoint(strategy, checkpoint)
+        if progress is not None:
+            rows, train_seconds = progress["rows"], progress["train_seconds"]
+            if state is not None:
+                state.update(progress["state"])
+            log.info("%s seed %d: resuming after experience %d from %s", name, seed,
+                     start_at - 1, checkpoint)
     for t, experience in enumerate(benchmark.train_stream):
+        if t < start_at:
+            continue
         start = time.perf_counter()
         strategy.train(experience, eval_streams=[])
         train_seconds += time.perf_counter() - start
         if after_experience is not None:
             after_experience(t)
         rows += evaluate(strategy, benchmark, name, seed, t)
+        if checkpoint is not None:
+            save_checkpoint(strategy, checkpoint, extra={
+                "rows": rows, "train_seconds": train_seconds, "state": state or {}})
     return rows, train_seconds
 
 
@@ -161,8 +184,8 @@ class RunStore:
     def open(self, record: dict) -> None:
         """Create ``out`` and write config.json (with ``record`` beside the arguments)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.overwrite and self.runs.exists():
-            for f in self.runs.glob("*.json"):
+        if self.overwrite:  # finished runs and the checkpoints of unfinished ones
+            for f in [*self.runs.glob("*.json"), *(self.out / "checkpoints").glob("*.pt")]:
                 f.unlink()
         write_json({"arguments": self.arguments, **record}, self.out / "config.json")
 

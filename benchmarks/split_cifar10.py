@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if args.quick:
-        apply_quick(args, argv or [])
+        apply_quick(args, sys.argv[1:] if argv is None else argv)
     try:
         validate(args)
     except ValueError as e:
@@ -267,16 +267,24 @@ def key_sharing_rows(seed: int, usage_after: list[torch.Tensor]) -> list[dict]:
     return rows
 
 
-def run_one(name, seed, args, data, bottleneck, codes, logs_dir):
-    """Train one strategy through the stream for one seed; returns its result record."""
+def run_one(name, seed, args, data, bottleneck, codes, out: Path):
+    """Train one strategy through the stream for one seed; returns its result record.
+
+    A continual run is checkpointed after every experience under ``OUT/checkpoints/`` and
+    resumed from there after a kill; the checkpoint goes once the record is written.
+    """
     (xtr, ytr), (xte, yte) = data
     order = class_order(args, seed)
     stream = tensor_scenario((xtr, ytr), (xte, yte), order, NUM_EXPERIENCES)
+    checkpoint = out / "checkpoints" / f"{name}-seed{seed}.pt"
+    resuming = checkpoint.exists() and name not in JOINT
     torch.manual_seed(seed)
-    csv = CSVLogger(log_folder=str(logs_dir / f"{name}-seed{seed}"))
-    loggers = [csv, InteractiveLogger()] if args.progress else [csv]
+    # a resumed strategy gets its loggers back from the checkpoint, its CSV files reopened
+    # where they were; a new CSVLogger would truncate them
+    csv = [] if resuming else [CSVLogger(log_folder=str(out / "logs" / f"{name}-seed{seed}"))]
+    loggers = [*csv, InteractiveLogger()] if args.progress else csv
     strategy = make_strategy(name, args, xtr.shape[1], make_evaluator(loggers), bottleneck, codes)
-    usage_after: list[torch.Tensor] = []
+    state: dict = {"usage_after": []}
     try:
         if name in JOINT:  # i.i.d. upper bound: all classes at once, then the same evaluation
             joint = tensor_scenario((xtr, ytr), (xte, yte), order, 1)
@@ -287,12 +295,16 @@ def run_one(name, seed, args, data, bottleneck, codes, logs_dir):
         else:
             def snapshot(t: int) -> None:
                 if name == "kvb":
-                    usage_after.append(strategy.model.bottleneck.key_usage.clone())
+                    state["usage_after"].append(strategy.model.bottleneck.key_usage.clone())
 
             rows, train_seconds = run_stream(strategy, stream, name, seed,
-                                             after_experience=snapshot)
+                                             after_experience=snapshot, checkpoint=checkpoint,
+                                             state=state)
     finally:
-        csv.close()
+        for logger in strategy.evaluator.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.close()
+    usage_after = state["usage_after"]
     sharing = key_sharing_rows(seed, usage_after) if usage_after else []
     return {"strategy": name, "seed": seed, "train_seconds": train_seconds, "matrix": rows,
             "key_sharing": sharing, "class_order": order}
@@ -435,8 +447,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 bottleneck = fitted_bottleneck(args, encoder.dim, key_data, first, seed)
                 codes = FrozenCodesPlugin(progress=args.progress)
             start = time.perf_counter()
-            record = run_one(name, seed, args, data, bottleneck, codes, args.out / "logs")
+            record = run_one(name, seed, args, data, bottleneck, codes, args.out)
             store.save(name, seed, record)
+            (args.out / "checkpoints" / f"{name}-seed{seed}.pt").unlink(missing_ok=True)
             records.append(record)
             final = summarize(pd.DataFrame(record["matrix"])).final_accuracy.iloc[0]
             log.info("seed %d %-12s final accuracy %.3f  (%.0f s)", seed, name, final,

@@ -5,10 +5,11 @@ import kvb_avalanche_tv_compat as _tv_compat
 _tv_compat.install_hook()  # before anything imports torchvision (Avalanche does)
 
 from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
+from kvb_avalanche.codes import CodesLoader  # noqa: E402
 from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
 from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
 from kvb_avalanche.model import KVBModel  # noqa: E402
-from kvb_avalanche.plugin import CodesLoader, FrozenCodesPlugin, KVBPlugin  # noqa: E402
+from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
 from kvb_avalanche.sparse import SparseSGD  # noqa: E402
 from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
 

@@ -227,7 +227,10 @@ class KeyValueBottleneck(nn.Module):
                     dist, idx = d.topk(topk, dim=-1, largest=False)
                 indices[c : c + step, r : r + rows] = idx
                 distances[c : c + step, r : r + rows] = dist + zc.pow(2).sum(-1, keepdim=True)
-        return Lookup(indices.transpose(0, 1), distances.transpose(0, 1).clamp_min_(0))
+        # contiguous, as cached codes are: a fetch then lays its values out (and the decoder
+        # sums them) in the same order whichever way the codes came
+        return Lookup(indices.transpose(0, 1).contiguous(),
+                      distances.transpose(0, 1).clamp_min_(0).contiguous())
 
     def lookup(self, x: Tensor) -> Lookup:
         """Nearest keys for embeddings x (batch, dim_embed) -> indices (batch, codebooks, topk)."""
@@ -238,13 +241,14 @@ class KeyValueBottleneck(nn.Module):
             mask = mask | ~mask.any(-1, keepdim=True)  # a never-trained codebook keeps all keys
         return self.nearest(self.project(x), mask=mask)
 
-    def fetch(self, indices: Tensor) -> Tensor:
+    def fetch(self, indices: Tensor, name: str = "indices") -> Tensor:
         """Values for key indices (batch, codebooks, topk) -> (batch, codebooks, topk, dim_values).
 
         Only the fetched rows of ``values`` enter the graph, so only they get gradient.
         In training mode with frozen keys the fetched keys are counted (``key_usage``).
+        ``name`` is the argument named in the error raised for bad indices.
         """
-        self.check_indices(indices)
+        self.check_indices(indices, name=name)
         record = self.training and bool(self.keys_frozen)
         if self.sparse_grad:  # counts the fetches while it gathers them
             return _FetchSparse.apply(self.values, indices, self.key_usage if record else None)

@@ -22,7 +22,8 @@ class KVBModel(nn.Module):
 
     ``forward`` also accepts integer key indices (batch, codebooks, topk), as produced by
     :meth:`codes`: the encoder and the key search are then skipped. That is how frozen
-    keys let a strategy train values from cached codes.
+    keys let a strategy train values from cached codes. Any other integer tensor (uint8
+    images, say) is refused with a message saying what the model takes.
     """
 
     def __init__(
@@ -53,10 +54,35 @@ class KVBModel(nn.Module):
         idx = self.bottleneck.lookup(emb.reshape(-1, self.bottleneck.dim_embed)).indices
         return idx.to(torch.int16) if self.bottleneck.num_pairs <= 2**15 else idx
 
+    def is_codes(self, x: Tensor) -> bool:
+        """Whether x is cached codes: integer (batch, codebooks, topk)."""
+        return (not x.is_floating_point() and x.dtype != torch.bool and x.dim() == 3
+                and x.shape[1] == self.bottleneck.codebooks)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():  # cached codes (batch, codebooks, topk)
-            return self.decoder(self.bottleneck.fetch(x))
+        if self.is_codes(x):  # (batch, codebooks, topk)
+            return self.decoder(self.bottleneck.fetch(x, name="x (cached codes)"))
+        if not x.is_floating_point():
+            return self.decoder(self.bottleneck(self._embed_integer(x)))
         return self.decoder(self.bottleneck(self.embed(x)))
+
+    def _embed_integer(self, x: Tensor) -> Tensor:
+        """Embeddings of an integer input that is not codes: only an encoder may take it."""
+        bn = self.bottleneck
+        what = (f"KVBModel input x is an integer tensor of shape {tuple(x.shape)} ({x.dtype}); "
+                f"the model takes floating-point inputs, or cached codes: integer "
+                f"(batch, {bn.codebooks}, topk) key indices in [0, {bn.num_pairs})")
+        if self.encoder is None:
+            raise ValueError(f"{what}. Without an encoder the inputs are embeddings: float "
+                             f"(batch, {bn.dim_embed}).")
+        try:
+            return self.embed(x)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"{what}. The encoder failed on it ({str(e).splitlines()[0]}): images must "
+                f"reach the model as floats, e.g. with torchvision's ToTensor() or "
+                f"ToDtype(torch.float32, scale=True) in the transforms."
+            ) from e
 
     def fingerprint(self) -> str:
         """Hash of the frozen state that decides the codes: encoder weights, projection, keys."""

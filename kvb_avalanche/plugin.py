@@ -1,20 +1,44 @@
-"""KVBPlugin: the key-value bottleneck's lifecycle, wired to Avalanche's hooks."""
+"""KVBPlugin and FrozenCodesPlugin: the key-value bottleneck's lifecycle and its code cache,
+wired to Avalanche's hooks."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
-from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kvb_avalanche.codes import (
+    CodeMemo,
+    CodesLoader,
+    content_hash,
+    plain_loader_settings,
+    random_transforms,
+    read_dataset,
+)
 from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.keys import KeyFitConfig, fit_keys
 from kvb_avalanche.model import KVBModel
+
+log = logging.getLogger(__name__)
+
+CacheCodes = bool | Literal["auto"]
+
+
+def check_model(model: object, who: str) -> KVBModel:
+    """``model`` if it is a KVBModel, else a TypeError naming ``who`` and the expected form."""
+    if not isinstance(model, KVBModel):
+        raise TypeError(
+            f"{who} needs model=KVBModel(encoder, KeyValueBottleneck(...), decoder), got "
+            f"{type(model).__name__}: wrap the encoder (or None for embeddings), a "
+            f"KeyValueBottleneck and a decoder such as VotingDecoder in a KVBModel"
+        )
+    return model
 
 
 class _Embedded:
@@ -37,6 +61,13 @@ class KVBPlugin(SupervisedPlugin):
     every later hook (a code cache, replay) sees frozen keys; or on an explicit
     :meth:`prepare`. The state it leaves (``keys_initialized``, ``keys_frozen``) lives in the
     model's ``state_dict``, so a checkpointed strategy resumes without refitting.
+
+    Periodic evaluation (``eval_every >= 0``) evaluates before the first experience. With
+    ``key_init_loader`` the keys are fitted first (``before_training``). :class:`KVBStrategy`
+    also fits them first without it, on the experience about to be trained. Under another
+    template, with no key data yet, that evaluation reports the untrained model: every
+    input gets key 0 of each codebook, whose value is untrained, so all inputs get the
+    same logits (chance level); a warning says so once.
 
     Args:
         key_init_loader: unlabelled model inputs (batches, or tuples whose first item is the
@@ -62,20 +93,33 @@ class KVBPlugin(SupervisedPlugin):
         self.freeze_decoder = freeze_decoder
         self.batch_size = batch_size
         self.progress = progress
+        self._warned_unfitted = False
 
     def before_training(self, strategy, **kwargs) -> None:
-        # with its own key data it can fit now, so an initial periodic eval (eval_every)
-        # already sees fitted keys
+        check_model(strategy.model, "KVBPlugin")
         if self.key_init_loader is not None:
             self.prepare(strategy.model, None, strategy.device)
 
     def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
         self.prepare(strategy.model, strategy.experience, strategy.device)
 
+    def before_eval_forward(self, strategy, **kwargs) -> None:
+        bottleneck = check_model(strategy.model, "KVBPlugin").bottleneck
+        if bool(bottleneck.keys_initialized):
+            return
+        if not self._warned_unfitted:
+            log.warning("KVBPlugin: evaluating before any key was fitted (eval_every >= 0 "
+                        "without key_init_loader): this evaluation gives every input the "
+                        "same, untrained value codes, i.e. chance level. Pass key_init_loader, "
+                        "or use KVBStrategy, which fits the keys before it.")
+            self._warned_unfitted = True
+        x = strategy.mbatch[0]
+        strategy.mbatch[0] = torch.zeros(len(x), bottleneck.codebooks, bottleneck.topk,
+                                         dtype=torch.long, device=x.device)
+
     def prepare(self, model: KVBModel, experience=None, device: str | torch.device = "cpu") -> None:
         """Freeze encoder (and decoder), fit and freeze keys once; idempotent."""
-        if not isinstance(model, KVBModel):
-            raise TypeError(f"KVBPlugin needs a KVBModel, got {type(model).__name__}")
+        check_model(model, "KVBPlugin")
         model.freeze_encoder()
         freeze = self.freeze_decoder
         if freeze if freeze is not None else isinstance(model.decoder, VotingDecoder):
@@ -87,160 +131,155 @@ class KVBPlugin(SupervisedPlugin):
         if loader is None:
             if experience is None:
                 raise ValueError("prepare() needs key_init_loader or an experience to fit keys on")
-            loader = DataLoader(experience.dataset, batch_size=self.batch_size, shuffle=False)
+            # its own generator: fitting keys draws nothing from the global RNG
+            loader = DataLoader(experience.dataset, batch_size=self.batch_size, shuffle=False,
+                                collate_fn=getattr(experience.dataset, "collate_fn", None),
+                                generator=torch.Generator())
         fit_keys(bottleneck, _Embedded(loader, model, torch.device(device)), self.key_fit,
                  progress=self.progress)
         bottleneck.freeze_keys()
 
 
 class FrozenCodesPlugin(SupervisedPlugin):
-    """Train and evaluate a :class:`KVBModel` from cached key indices.
+    """Train and evaluate a :class:`KVBModel` from cached key indices (codes).
 
-    Once encoder and keys are frozen, an input's key indices never change, so each
-    experience's inputs are looked up once (after its dataset is adapted) and replaced by
-    their codes (n, codebooks, topk); an epoch then costs a gather of values and the
-    decoder, whatever ``num_pairs`` and ``dim_keys``. Codes are cached per input content
-    and per :meth:`KVBModel.fingerprint`, so a change of encoder, projection, keys (or of
-    the eval-time mask) recomputes them instead of serving stale ones.
+    Once encoder and keys are frozen, an input's codes never change, so each input is
+    looked up once instead of once per epoch; an epoch then costs a gather of values and
+    the decoder, whatever ``num_pairs`` and ``dim_keys``. How each experience is served:
 
-    Only the strategy's adapted dataset is replaced: plugins that read
-    ``strategy.experience.dataset`` themselves (EWC, Replay) still see the raw inputs.
+    - **Cached codes** when the training data are repeatable (no random transform, see
+      :func:`~kvb_avalanche.codes.random_transforms`) and the training loader is still the
+      plain one the template built: the loader is swapped, at the first epoch, for a
+      :class:`CodesLoader` over the dataset's codes, which yields exactly the batches
+      Avalanche's loader would. Same result as no cache, bit for bit.
+    - **A content-keyed memo** when another plugin replaced the loader (``ReplayPlugin``,
+      ``GDumbPlugin``, ...): its batches mix raw inputs of the experience and of the
+      buffer, and each batch is mapped to codes before the forward pass; rows seen before
+      (every row after the first epoch) are served from :class:`CodeMemo`, new ones looked
+      up. Exact for any batch, since codes depend on content only.
+    - **A lookup per batch** (no cache) when the training data have random transforms: a
+      crop or a flip gives new content, hence new codes, at every read. A log line says so.
 
-    The training loader is replaced too, by one that indexes the code tensors a batch at a
-    time (:class:`CodesLoader`), where that gives exactly the batches Avalanche's loader
-    would: a single task, no custom sampler. Per-sample fetching and collating would
-    otherwise cost more than the training step itself.
+    Evaluation datasets are swapped for their codes under the same condition (repeatable
+    reads). Codes are cached per input content and per :meth:`KVBModel.fingerprint`, so a
+    change of encoder, projection, keys (or of the eval-time mask) recomputes them instead
+    of serving stale ones.
+
+    Args:
+        cache_codes: ``"auto"`` as above; ``True`` also caches the codes of data with random
+            transforms, freezing one draw of each sample's augmentation for every epoch (a
+            warning says so); ``False`` turns the plugin off (lookups per batch).
+        batch_size: batch size of the lookups that fill the cache.
+        progress: show a progress bar while filling the cache.
     """
 
-    def __init__(self, batch_size: int = 1024, progress: bool = True) -> None:
+    def __init__(self, cache_codes: CacheCodes = "auto", batch_size: int = 1024,
+                 progress: bool = True) -> None:
         super().__init__()
-        self.batch_size, self.progress = batch_size, progress
+        if cache_codes not in (True, False, "auto") or not isinstance(cache_codes, bool | str):
+            raise ValueError(f"cache_codes must be 'auto', True or False, got {cache_codes!r}")
+        self.cache_codes, self.batch_size, self.progress = cache_codes, batch_size, progress
         self._codes: dict[tuple[str, str], torch.Tensor] = {}
-        self._train: tuple[object, tuple[torch.Tensor, ...]] | None = None
+        self._memo = CodeMemo()
+        self._made = self._loader = None  # the template's training loader, and ours
+        self._decided = self._memo_on = False
+        self.mode: str | None = None  # how the last training experience was served
 
-    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
-        tensors = self._use_codes(strategy)
-        self._train = (strategy.adapted_dataset, tensors)
+    def __getstate__(self) -> dict:
+        # a checkpoint keeps the settings, not the caches (they are rebuilt on demand)
+        state = self.__dict__.copy()
+        state.update(_codes={}, _memo=CodeMemo(), _made=None, _loader=None)
+        return state
 
-    def after_eval_dataset_adaptation(self, strategy, **kwargs) -> None:
-        if bool(strategy.model.bottleneck.keys_frozen):
-            self._use_codes(strategy)
-        # else: an eval before the keys are fitted (Avalanche's initial periodic eval); the
-        # model then says itself whether it can run without fitted keys
-
+    # ------------------------------------------------------------------ training
     def before_training_exp(self, strategy, **kwargs) -> None:
-        dataset, tensors = self._train or (None, ())
-        if strategy.adapted_dataset is not dataset:
-            return  # another plugin changed the data since
-        # the loader the strategy made just before this hook
-        settings = _plain_loader_settings(strategy.dataloader, dataset)
-        if settings is not None:
-            batch_size, shuffle, drop_last = settings
-            strategy.dataloader = CodesLoader(*tensors, batch_size=batch_size, shuffle=shuffle,
-                                              drop_last=drop_last)
+        check_model(strategy.model, "FrozenCodesPlugin")
+        self._made, self._loader = strategy.dataloader, None  # the one the template just made
+        self._decided = self._memo_on = False
 
-    def _use_codes(self, strategy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Swap the adapted dataset for its codes; returns (codes, targets, task labels)."""
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        if self._decided or self.cache_codes is False:
+            return
+        self._decided = True
         model = strategy.model
         if not bool(model.bottleneck.keys_frozen):
             raise RuntimeError("FrozenCodesPlugin needs frozen keys: put KVBPlugin before it")
-        x, y, t = _tensors(strategy.adapted_dataset, self.batch_size)
-        if not x.is_floating_point():
-            return x, y, t  # already codes
+        dataset, loader = strategy.adapted_dataset, strategy.dataloader
+        random = random_transforms(dataset)
+        if random is not None and self.cache_codes is True:
+            log.warning("cache_codes=True although the training data are not repeatable (%s): "
+                        "each sample's codes are computed from one read and reused every "
+                        "epoch, freezing that draw of its augmentation", random)
+        settings = plain_loader_settings(loader, dataset) if loader is self._made else None
+        if random is not None and self.cache_codes == "auto":
+            self.mode = "lookup per batch"
+            log.info("code cache off for this experience: the training data are not "
+                     "repeatable (%s); keys are looked up for every batch", random)
+        elif settings is not None:
+            codes, targets, tasks = self._dataset_codes(model, dataset, strategy.device)
+            batch_size, shuffle, drop_last = settings
+            self._loader = CodesLoader(codes, targets, tasks, batch_size, shuffle, drop_last,
+                                       dataset=dataset)
+            strategy.dataloader = self._loader
+            self.mode = "cached codes"
+        else:
+            self._memo.check(model.fingerprint())
+            self._memo_on = True
+            self.mode = "content-keyed memo"
+            log.info("code cache: the training loader is %s, not the template's plain loader "
+                     "(a plugin changed it): its batches are mapped to codes through a "
+                     "content-keyed memo", type(loader).__name__)
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        x = strategy.mbatch[0]
+        if self._memo_on and not strategy.model.is_codes(x):
+            strategy.mbatch[0] = self._memo.codes(strategy.model, x)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self._made = self._loader = None  # release the experience's loaders
+        self._memo_on = False
+
+    # ------------------------------------------------------------------ evaluation
+    def after_eval_dataset_adaptation(self, strategy, **kwargs) -> None:
+        model = check_model(strategy.model, "FrozenCodesPlugin")
+        if self.cache_codes is False or not bool(model.bottleneck.keys_frozen):
+            return  # before the keys exist the model says itself what it can do
+        dataset = strategy.adapted_dataset
+        if self.cache_codes == "auto" and (random := random_transforms(dataset)) is not None:
+            log.info("evaluation codes not cached: the data are not repeatable (%s)", random)
+            return
+        codes, targets, tasks = self._dataset_codes(model, dataset, strategy.device)
+        strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(
+            codes, targets, targets=targets.tolist(), task_labels=tasks.tolist())
+
+    # ------------------------------------------------------------------ the cache
+    def _dataset_codes(self, model: KVBModel, dataset, device) -> tuple[torch.Tensor, ...]:
+        """(codes (n, codebooks, topk), targets (n,), task labels (n,)) of a dataset, cached
+        per content and model fingerprint.
+
+        One pass reads and hashes the inputs (keeping none: an image dataset may not fit in
+        memory); a second computes the codes only when they are not cached yet.
+        """
+        targets, tasks, inputs = [], [], []
+
+        def stream():
+            for batch in read_dataset(dataset, self.batch_size):
+                targets.append(batch[1])
+                tasks.append(batch[-1])
+                if model.is_codes(batch[0]):
+                    inputs.append(batch[0])  # already codes
+                yield batch[0]
+
+        digest = content_hash(stream())
+        targets, tasks = torch.cat(targets), torch.cat(tasks)
+        if inputs:
+            return torch.cat(inputs), targets, tasks
         fingerprint = model.fingerprint()
-        key = (_content_hash(x), fingerprint)
+        key = (digest, fingerprint)
         if key not in self._codes:
             self._codes = {k: v for k, v in self._codes.items() if k[1] == fingerprint}
-            self._codes[key] = self.compute(model, x, torch.device(strategy.device))
-        strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(
-            self._codes[key], y, targets=y.tolist(), task_labels=t.tolist()
-        )
-        return self._codes[key], y, t
-
-    def compute(self, model: KVBModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Codes (n, codebooks, topk) of inputs x, in chunks, with a progress bar."""
-        chunks = range(0, len(x), self.batch_size)
-        bar = tqdm(chunks, desc="key lookup (code cache)", disable=not self.progress, leave=False)
-        return torch.cat([model.codes(x[i : i + self.batch_size].to(device)).cpu() for i in bar])
-
-
-class CodesLoader:
-    """Training batches ``[codes, targets, task labels]`` by indexing whole tensors.
-
-    Draws from the global RNG exactly what Avalanche's single-task training loader draws
-    per epoch (PyTorch's ``DataLoader`` iterator takes a base seed, then its
-    ``RandomSampler`` a permutation seed) and yields the same batches in the same order, so
-    training from it is bit-identical to training from the Avalanche loader.
-    """
-
-    def __init__(self, codes: torch.Tensor, targets: torch.Tensor, task_labels: torch.Tensor,
-                 batch_size: int, shuffle: bool = True, drop_last: bool = False) -> None:
-        self.tensors = (codes, targets, task_labels)  # (n, codebooks, topk), (n,), (n,)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-
-    def __len__(self) -> int:
-        n = len(self.tensors[0])
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        n = len(self.tensors[0])
-        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
-        if self.shuffle:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        for i in range(len(self)):
-            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield [t[batch] for t in self.tensors]
-
-
-def _plain_loader_settings(loader, dataset) -> tuple[int, bool, bool] | None:
-    """(batch_size, shuffle, drop_last) if ``loader`` is one that Avalanche builds for a
-    single task over ``dataset`` with a plain random or sequential sampler, the dataset's
-    own collate and no persistent workers (the batches :class:`CodesLoader` reproduces);
-    otherwise ``None``."""
-    if type(loader) is TaskBalancedDataLoader:
-        custom = {"sampler", "batch_sampler", "generator", "ffcv_args"} & set(loader.loader_kwargs)
-        if (custom or len(loader.datasets) != 1 or len(loader.datasets[0]) != len(dataset)
-                or loader.distributed_sampling or loader.never_ending):
-            return None
-        kwargs = loader.loader_kwargs
-        if _persistent(kwargs.get("num_workers", 0), kwargs.get("persistent_workers", False)):
-            return None
-        if kwargs.get("collate_fn", dataset.collate_fn) != dataset.collate_fn:
-            return None
-        return (loader.batch_sizes[0], bool(kwargs.get("shuffle", False)),
-                bool(kwargs.get("drop_last", False)))
-    if (type(loader) is DataLoader and loader.dataset is dataset and loader.generator is None
-            and loader.collate_fn == dataset.collate_fn
-            and not _persistent(loader.num_workers, loader.persistent_workers)):
-        sampler = loader.sampler
-        plain = type(sampler) is SequentialSampler or (
-            type(sampler) is RandomSampler and sampler.generator is None
-            and not sampler.replacement and sampler.num_samples == len(dataset))
-        if plain and type(loader.batch_sampler) is BatchSampler:
-            return loader.batch_size, type(sampler) is RandomSampler, loader.drop_last
-    return None
-
-
-def _persistent(num_workers: int, persistent_workers: bool) -> bool:
-    """Persistent workers draw their base seed once, not every epoch as CodesLoader does."""
-    return bool(persistent_workers) and num_workers > 0
-
-
-def _tensors(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All (inputs, targets, task labels) of an Avalanche dataset, in order.
-
-    The loader has its own generator: iterating a DataLoader draws a seed from the global
-    RNG otherwise, which would change the strategy's shuffling compared to no cache.
-    """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=getattr(dataset, "collate_fn", None),
-                        generator=torch.Generator())
-    xs, ys, ts = zip(*((b[0], b[1], b[-1]) for b in loader), strict=True)
-    return torch.cat(xs), torch.cat(ys), torch.cat(ts)
-
-
-def _content_hash(x: torch.Tensor) -> str:
-    return hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+            batches = tqdm(read_dataset(dataset, self.batch_size), desc="key lookup (code cache)",
+                           total=-(-len(dataset) // self.batch_size), disable=not self.progress,
+                           leave=False)
+            self._codes[key] = torch.cat([model.codes(b[0].to(device)).cpu() for b in batches])
+        return self._codes[key], targets, tasks

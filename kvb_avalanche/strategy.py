@@ -8,11 +8,12 @@ import torch
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.templates.base import _experiences_parameter_as_iterable
 from torch import nn
 
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
-from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
+from kvb_avalanche.plugin import CacheCodes, FrozenCodesPlugin, KVBPlugin, check_model
 from kvb_avalanche.sparse import SparseSGD, as_coalesced
 
 
@@ -23,9 +24,15 @@ class KVBStrategy(SupervisedTemplate):
     gradients in one pass) on the values, gradient-norm clipping at 1.0, cross-entropy with
     label smoothing 0.1. ``optimizer`` and ``criterion`` override them;
     ``clip_grad_norm=None`` turns clipping off. Keys are fitted by :class:`KVBPlugin`
-    (from ``key_init_loader`` or the first experience) before anything is trained.
-    With ``cache_codes`` (default) values are trained and evaluated from cached key indices
-    (:class:`FrozenCodesPlugin`): exactly the same result, far fewer key searches.
+    (from ``key_init_loader``, or the first experience given to :meth:`train`) before
+    anything else happens, the periodic evaluation of ``eval_every >= 0`` included.
+
+    ``cache_codes`` (:class:`FrozenCodesPlugin`): with ``"auto"`` (default) values are
+    trained and evaluated from cached key indices whenever the data are repeatable (no
+    random transform): the same result, far fewer key searches. Data that another plugin
+    mixes in (replay) are looked up once per distinct input; data with random transforms
+    are looked up per batch. ``True`` caches even those (one augmentation draw, frozen;
+    warned), ``False`` never caches.
     """
 
     def __init__(
@@ -40,7 +47,7 @@ class KVBStrategy(SupervisedTemplate):
         key_init_loader: Iterable | None = None,
         key_fit: KeyFitConfig | None = None,
         freeze_decoder: bool | None = None,
-        cache_codes: bool = True,
+        cache_codes: CacheCodes = "auto",
         train_mb_size: int = 256,
         train_epochs: int = 1,
         eval_mb_size: int | None = 1024,
@@ -50,13 +57,14 @@ class KVBStrategy(SupervisedTemplate):
         eval_every: int = -1,
         **base_kwargs,
     ) -> None:
+        check_model(model, "KVBStrategy")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
         self.clip_grad_norm = clip_grad_norm
         if optimizer is None:
             optimizer = SparseSGD([model.bottleneck.values], lr=lr)
         self.kvb = KVBPlugin(key_init_loader, key_fit, freeze_decoder, batch_size=train_mb_size)
-        own = [self.kvb, FrozenCodesPlugin()] if cache_codes else [self.kvb]
+        own = [self.kvb] if cache_codes is False else [self.kvb, FrozenCodesPlugin(cache_codes)]
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -70,6 +78,16 @@ class KVBStrategy(SupervisedTemplate):
             eval_every=eval_every,
             **base_kwargs,
         )
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        """Avalanche's ``train``, with the keys fitted first on the first experience when
+        there is no ``key_init_loader`` (so an initial periodic evaluation has keys)."""
+        experiences = list(_experiences_parameter_as_iterable(experiences))
+        if experiences and not bool(self.model.bottleneck.keys_frozen):
+            self.model.to(self.device)
+            self.kvb.prepare(self.model, None if self.kvb.key_init_loader is not None
+                             else experiences[0], self.device)
+        return super().train(experiences, eval_streams, **kwargs)
 
     def optimizer_step(self) -> None:
         if self.clip_grad_norm is not None:

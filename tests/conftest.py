@@ -23,3 +23,49 @@ def blob_embeddings(n_clusters: int, per_cluster: int, dim: int, spread: float =
     labels = torch.arange(n_clusters).repeat_interleave(per_cluster)
     points = centres[labels] + spread * torch.randn(len(labels), dim, generator=g)
     return points, labels, centres
+
+
+class DigitsImages(torch.utils.data.Dataset):
+    """scikit-learn's 8x8 digits as a torchvision-style dataset: (PIL image, target)."""
+
+    def __init__(self, images, targets, transform=None):
+        self.images, self.targets, self.transform = images, list(targets), transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i])
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def digits_benchmark(classes=4, train_transform=None, eval_transform=None, n_experiences=2):
+    """A class-incremental ``nc_benchmark`` over the first ``classes`` digits (8x8 PIL images),
+    every 4th image of a class in the test set."""
+    from avalanche.benchmarks import nc_benchmark
+    from sklearn.datasets import load_digits
+    from torchvision import transforms
+
+    digits = load_digits()
+    keep = digits.target < classes
+    images = (digits.images[keep] * 255 / 16).round().astype("uint8")
+    targets = digits.target[keep]
+    test = torch.arange(len(targets)) % 4 == 0
+    to_tensor = transforms.ToTensor()
+    return nc_benchmark(
+        DigitsImages(images[~test.numpy()], targets[~test.numpy()]),
+        DigitsImages(images[test.numpy()], targets[test.numpy()]),
+        n_experiences=n_experiences, task_labels=False, fixed_class_order=list(range(classes)),
+        train_transform=train_transform or to_tensor, eval_transform=eval_transform or to_tensor)
+
+
+def frozen_conv_encoder(dim: int = 16, seed: int = 0) -> torch.nn.Module:
+    """A small random conv net, frozen: (batch, 1, H, W) float images -> (batch, dim)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, dim, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(4 * dim, dim))
+    return net.eval().requires_grad_(False)

@@ -17,7 +17,8 @@ def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
             "ratio_to_floor"} <= set(bench.columns)
     ours = bench[(bench.impl == "ours") & (bench.case == "small")].set_index("measure")
     assert {"forward", "forward_backward", "key_update", "epoch_cached_codes",
-            "epoch_recomputed_lookups"} <= set(ours.index)
+            "epoch_recomputed_lookups", "replay_epoch_memo",
+            "replay_epoch_recomputed_lookups"} <= set(ours.index)
     assert (ours.median_ms > 0).all()
     official = bench[bench.impl == "official"].set_index("measure")
     assert list(official.index) == ["key_update"] and official.median_ms.iloc[0] > 0

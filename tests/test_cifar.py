@@ -40,6 +40,11 @@ def write_pickles(root: Path, images: np.ndarray, labels: np.ndarray,
                   str_keys: bool = False) -> None:
     """A torchvision ``cifar-10-batches-py`` folder: train over 5 batches, test = first 2."""
     folder = root / "cifar-10-batches-py"
+    write_pickle_folder(folder, images, labels, str_keys)
+
+
+def write_pickle_folder(folder: Path, images: np.ndarray, labels: np.ndarray,
+                        str_keys: bool = False) -> None:
     folder.mkdir(parents=True)
     key = str if str_keys else str.encode  # the 2009 release's py2 pickles read as str keys
     rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # R plane, G plane, B plane
@@ -130,6 +135,21 @@ def test_torchvision_pickle_folder(tmp_path, str_keys):
     check(got, images, labels)
     assert got.classes == CLASSES and "cifar-10-batches-py" in got.source
     check(load_cifar("cifar10", "test", root=tmp_path, progress=False), images[:2], labels[:2])
+
+
+def test_avalanches_download_layout_is_found_under_its_default_root(tmp_path, monkeypatch):
+    """Avalanche's SplitCIFAR10 downloads into ~/.avalanche/data/cifar10/cifar-10-batches-py."""
+    images, labels = make_images()
+    write_pickle_folder(tmp_path / "home" / ".avalanche" / "data" / "cifar10"
+                        / "cifar-10-batches-py", images, labels)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KVB_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    got = load_cifar("cifar10", "train", root=tmp_path / "home" / ".avalanche" / "data",
+                     progress=False)
+    check(got, images, labels)
+    assert "cifar10/cifar-10-batches-py" in got.source
+    assert Path.home() / ".avalanche" / "data" in default_data_roots()
 
 
 def test_pickle_rows_are_channel_planes(tmp_path):
