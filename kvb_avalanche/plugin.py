@@ -151,7 +151,9 @@ class FrozenCodesPlugin(SupervisedPlugin):
       :func:`~kvb_avalanche.codes.random_transforms`) and the training loader is still the
       plain one the template built: the loader is swapped, at the first epoch, for a
       :class:`CodesLoader` over the dataset's codes, which yields exactly the batches
-      Avalanche's loader would. Same result as no cache, bit for bit.
+      Avalanche's loader would. Same result as no cache, bit for bit (tested, with and
+      without an encoder; it rests on the encoder giving an input the same embedding in
+      any batch, which PyTorch's kernels do not promise to the last bit).
     - **A content-keyed memo** when another plugin replaced the loader (``ReplayPlugin``,
       ``GDumbPlugin``, ...): its batches mix raw inputs of the experience and of the
       buffer, and each batch is mapped to codes before the forward pass; rows seen before

@@ -14,6 +14,7 @@ import torch
 from avalanche.logging import InteractiveLogger
 from avalanche.training.plugins import (
     EarlyStoppingPlugin,
+    GDumbPlugin,
     LRSchedulerPlugin,
     ReplayPlugin,
     SupervisedPlugin,
@@ -99,6 +100,21 @@ class Spy(SupervisedPlugin):
 
 
 # ---------------------------------------------------------------------------- replay
+def test_gdumb_plugin_composes_with_the_code_cache(tensor_bench):
+    """GDumb swaps the adapted dataset for its buffer: the template's loader over it is
+    plain, so the buffer's codes are cached; the same result as without a cache."""
+    trained = []
+    for cache in ("auto", False):
+        torch.manual_seed(0)
+        spy = Spy()
+        strategy = kvb_strategy(cache_codes=cache, plugins=[spy, GDumbPlugin(mem_size=60)])
+        rows = run_stream(strategy, tensor_bench, "kvb_gdumb", seed=0)[0]
+        trained.append((strategy.model.bottleneck.values.detach().clone(), rows, spy.modes))
+    (cached, cached_rows, modes), (plain, plain_rows, _) = trained
+    assert modes == ["cached codes", "cached codes"]
+    assert torch.equal(cached, plain) and accuracies(cached_rows) == accuracies(plain_rows)
+
+
 @pytest.mark.parametrize("shape", ["tensor", "image"])
 def test_replay_plugin_composes_with_the_code_cache(tensor_bench, image_bench, shape):
     bench = tensor_bench if shape == "tensor" else image_bench
