@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 CASES = {  # batch, codebooks, pairs, dim_keys, dim_values, dim_embed
     "paper": dict(batch=256, codebooks=256, pairs=4096, dim_keys=14, dim_values=10, dim=1280),
     "small": dict(batch=256, codebooks=16, pairs=256, dim_keys=8, dim_values=10, dim=1280),
@@ -94,9 +92,9 @@ def strategy_epochs(c: dict, cache: bool, epochs: int, replay: bool = False) -> 
     import torch
     from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 
-    sys.path.insert(0, str(REPO))
-    from benchmarks.helpers import make_evaluator, tensor_scenario
     from kvb_avalanche import KeyValueBottleneck, KVBModel, KVBStrategy, VotingDecoder
+    from kvb_avalanche.benchmarks import tensor_scenario
+    from kvb_avalanche.experiments.runner import make_evaluator
 
     class EpochTimer(SupervisedPlugin):
         def __init__(self) -> None:
@@ -333,10 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required")
     if args.repeats < 1:
         p.error(f"--repeats must be a positive integer, got {args.repeats}")
-    sys.path.insert(0, str(REPO))
     import pandas as pd
 
-    from benchmarks.helpers import write_csv
+    from kvb_avalanche.experiments.reports import write_csv
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, notes, floor_info = [], [], {}

@@ -10,12 +10,13 @@ what PyTorch's generic sparse kernels take for the same gradient. Writes ``DIR/b
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+# the paper scale, as bench_bottleneck.py's "paper" case; an epoch is one CIFAR-10 experience
+PAPER = dict(batch=256, codebooks=256, pairs=4096, dim_keys=14, dim_values=10, dim=1280)
+EPOCH_SAMPLES = 10_000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,16 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs must be a positive integer, got {args.epochs}")
-    sys.path.insert(0, str(REPO))
     import pandas as pd
     import torch
 
-    from benchmarks.bench_bottleneck import CASES, EPOCH_SAMPLES
-    from benchmarks.helpers import write_csv
     from kvb_avalanche import KeyValueBottleneck, SparseSGD, VotingDecoder
+    from kvb_avalanche.experiments.reports import write_csv
     from kvb_avalanche.strategy import clip_grad_norm
 
-    c = CASES["paper"]
+    c = PAPER
     batch = c["batch"]
     g = torch.Generator().manual_seed(0)
     bn = KeyValueBottleneck(c["dim"], c["codebooks"], c["pairs"], c["dim_keys"],

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import torch
+from torch import nn
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks.cifar import load_cifar  # noqa: E402
-from benchmarks.helpers import write_csv  # noqa: E402
-from kvb_avalanche.encoders import build_encoder, embed_images  # noqa: E402
+from kvb_avalanche.benchmarks import load_cifar
+from kvb_avalanche.encoders import build_encoder, embed_images
+from kvb_avalanche.experiments.reports import write_csv
 
 
 def linear_probe(xtr, ytr, xte, yte, steps: int = 300, seed: int = 0) -> float:
@@ -47,12 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 96, 128])
     p.add_argument("--train-per-class", type=int, default=250)
     p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--data-root", type=Path, default=None, help="folder holding CIFAR-10")
     args = p.parse_args(argv)
     if min(args.resolutions) < 16 or args.train_per_class < 1 or args.test_per_class < 1:
         p.error("resolutions must be >= 16 px and per-class counts positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train = load_cifar("cifar10", "train", max_per_class=args.train_per_class)
-    test = load_cifar("cifar10", "test", max_per_class=args.test_per_class)
+    train = load_cifar("cifar10", "train", root=args.data_root, max_per_class=args.train_per_class)
+    test = load_cifar("cifar10", "test", root=args.data_root, max_per_class=args.test_per_class)
     encoder = build_encoder(args.encoder)
     ytr, yte = torch.as_tensor(train.labels), torch.as_tensor(test.labels)
     rows = []

@@ -62,7 +62,7 @@ def _load_weights(module: nn.Module, path: Path, name: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (any unreadable file gets the same message)
-        raise ValueError(f"--weights {path}: cannot read a state dict from it ({e})") from e
+        raise ValueError(f"weights file {path}: cannot read a state dict from it ({e})") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
@@ -70,7 +70,7 @@ def _load_weights(module: nn.Module, path: Path, name: str) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ValueError(
-            f"--weights {path} does not match encoder {name!r}: {first}. Pass a state dict "
+            f"weights file {path} does not match encoder {name!r}: {first}. Pass a state dict "
             f"saved from the same architecture (e.g. torchvision's {name} weights)."
         ) from e
 

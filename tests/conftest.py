@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +72,8 @@ def frozen_conv_encoder(dim: int = 16, seed: int = 0) -> torch.nn.Module:
     net = nn.Sequential(nn.Conv2d(1, dim, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                         nn.Flatten(), nn.Linear(4 * dim, dim))
     return net.eval().requires_grad_(False)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if SHARED_DATA.is_dir():  # tests (and the scripts they start) read CIFAR from here
+    os.environ.setdefault("KVB_DATA_ROOT", str(SHARED_DATA))

@@ -1,5 +1,7 @@
 """KVBStrategy / KVBPlugin on Avalanche's own scenarios, next to Avalanche's baselines."""
 
+from dataclasses import asdict
+
 import pandas as pd
 import pytest
 import torch
@@ -10,7 +12,6 @@ from conftest import blob_embeddings
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from benchmarks.helpers import make_evaluator, run_stream, summarize, tensor_scenario
 from kvb_avalanche import (
     KeyFitConfig,
     KeyValueBottleneck,
@@ -19,7 +20,10 @@ from kvb_avalanche import (
     KVBStrategy,
     VotingDecoder,
 )
+from kvb_avalanche.benchmarks import tensor_scenario
 from kvb_avalanche.codes import CodesLoader, plain_loader_settings, read_dataset
+from kvb_avalanche.experiments.reports import summarize
+from kvb_avalanche.experiments.runner import make_evaluator, run_stream
 
 DIM, CLASSES = 16, 4
 
@@ -51,7 +55,7 @@ def test_kvb_runs_beside_avalanche_baselines_with_the_same_evaluator(scenario):
     rows = []
     for name, strategy in strategies.items():
         rows += run_stream(strategy, scenario, name, seed=0)[0]
-    summary = summarize(pd.DataFrame(rows)).set_index("strategy")
+    summary = summarize(pd.DataFrame(map(asdict, rows))).set_index("strategy")
     assert set(summary.index) == set(strategies)
     # KVB learns both experiences and keeps the first; naive forgets (nearly) all of it
     assert summary.loc["kvb", "final_accuracy"] > 0.9

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.cifar import DataError, ImageSplit, default_data_roots, load_cifar
+from kvb_avalanche.benchmarks.cifar import DataError, ImageSplit, default_data_roots, load_cifar
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = ["airplane", "automobile", "bird"]
@@ -137,19 +137,21 @@ def test_torchvision_pickle_folder(tmp_path, str_keys):
     check(load_cifar("cifar10", "test", root=tmp_path, progress=False), images[:2], labels[:2])
 
 
-def test_avalanches_download_layout_is_found_under_its_default_root(tmp_path, monkeypatch):
-    """Avalanche's SplitCIFAR10 downloads into ~/.avalanche/data/cifar10/cifar-10-batches-py."""
+def test_avalanches_download_layout_is_found_in_its_default_location(tmp_path, monkeypatch):
+    """Avalanche's SplitCIFAR10 downloads into <dataset_location>/cifar10/cifar-10-batches-py
+    (~/.avalanche/data by default): found with no root given, or given either folder."""
+    from avalanche.benchmarks.datasets.dataset_utils import AVALANCHE_CONFIG
+
     images, labels = make_images()
-    write_pickle_folder(tmp_path / "home" / ".avalanche" / "data" / "cifar10"
-                        / "cifar-10-batches-py", images, labels)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    location = tmp_path / "avalanche-data"
+    write_pickle_folder(location / "cifar10" / "cifar-10-batches-py", images, labels)
+    monkeypatch.setitem(AVALANCHE_CONFIG, "dataset_location", str(location))
     monkeypatch.delenv("KVB_DATA_ROOT", raising=False)
-    monkeypatch.chdir(tmp_path)
-    got = load_cifar("cifar10", "train", root=tmp_path / "home" / ".avalanche" / "data",
-                     progress=False)
+    got = load_cifar("cifar10", "train", progress=False)
     check(got, images, labels)
     assert "cifar10/cifar-10-batches-py" in got.source
-    assert Path.home() / ".avalanche" / "data" in default_data_roots()
+    for root in (location, location / "cifar10"):  # Avalanche's own dataset_root works too
+        check(load_cifar("cifar10", "train", root=root, progress=False), images, labels)
 
 
 def test_pickle_rows_are_channel_planes(tmp_path):
@@ -236,21 +238,21 @@ def test_max_per_class_keeps_the_first_images_of_each_class(tmp_path, layout):
     check(full, images, labels)
 
 
-def test_default_roots_and_lookup(tmp_path, monkeypatch):
-    env_root, cwd = tmp_path / "env", tmp_path / "cwd"
+def test_default_roots_are_the_environment_then_avalanches_data_folder(tmp_path, monkeypatch):
+    from avalanche.benchmarks.datasets.dataset_utils import AVALANCHE_CONFIG
+
+    env_root, avalanche_root = tmp_path / "env", tmp_path / "avalanche-data"
     env_root.mkdir()
-    images, labels = make_images(2)
-    write_tree(cwd / "data", images, labels, split="test")
+    monkeypatch.setitem(AVALANCHE_CONFIG, "dataset_location", str(avalanche_root))
     monkeypatch.setenv("KVB_DATA_ROOT", str(env_root))
-    monkeypatch.chdir(cwd)
-    roots = default_data_roots()
-    repo = Path(__file__).resolve().parents[1]
-    assert roots[:2] == [env_root.resolve(), (cwd / "data").resolve()]
-    assert roots[2:4] == [(repo / "data").resolve(), (repo.parent / "shared" / "data").resolve()]
-    assert roots[-1] == Path.home().resolve() / ".avalanche" / "data"
-    got = load_cifar("cifar10", "test", progress=False)  # env root is empty: ./data is next
-    check(got, images, labels)
-    assert str(cwd / "data") in got.source
+    assert default_data_roots() == [env_root.resolve(), avalanche_root.resolve()]
+    monkeypatch.delenv("KVB_DATA_ROOT")
+    assert default_data_roots() == [avalanche_root.resolve()]
+    # the library never looks in the working directory or beside the repository
+    monkeypatch.chdir(tmp_path)
+    write_tree(tmp_path / "data", *make_images(2), split="test")
+    with pytest.raises(DataError, match="no copy of cifar10 test found in"):
+        load_cifar("cifar10", "test", progress=False)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -260,7 +262,7 @@ def test_missing_copy_explains_the_layouts_and_the_download(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"no copy of cifar10 test found in {tmp_path}")
     for needle in ("cifar-10-batches-py", "ImageFolder", "cifar10/test/<class>/", "*.tar.gz",
-                   "split_cifar10.py --download", "torchvision.datasets.CIFAR10(root, "
+                   "kvb-avalanche split-cifar10 --download", "torchvision.datasets.CIFAR10(root, "
                    "download=True)"):
         assert needle in msg
     assert isinstance(err.value, ValueError)

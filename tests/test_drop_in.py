@@ -7,6 +7,7 @@ scenario with transforms built by ``nc_benchmark`` over a torchvision-style data
 """
 
 import logging
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
@@ -25,7 +26,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from benchmarks.helpers import make_evaluator, run_stream, summarize, tensor_scenario
 from kvb_avalanche import (
     CodesLoader,
     FrozenCodesPlugin,
@@ -35,8 +35,11 @@ from kvb_avalanche import (
     KVBStrategy,
     VotingDecoder,
 )
+from kvb_avalanche.benchmarks import tensor_scenario
 from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
 from kvb_avalanche.codes import random_transforms
+from kvb_avalanche.experiments.reports import summarize
+from kvb_avalanche.experiments.runner import make_evaluator, run_stream
 
 DIM, CLASSES = 16, 4
 
@@ -74,7 +77,7 @@ def share_of_class_0(bench) -> float:
 
 
 def accuracies(rows):
-    return [r["accuracy"] for r in rows]
+    return [r.accuracy for r in rows]
 
 
 class Spy(SupervisedPlugin):
@@ -137,7 +140,7 @@ def test_replay_plugin_composes_with_the_code_cache(tensor_bench, image_bench, s
     assert accuracies(runs["kvb_replay"][0]) == accuracies(runs["kvb_replay_nocache"][0])
     # replay trains on more data in the second experience than plain KVB
     assert not torch.equal(runs["kvb_replay"][1], runs["kvb"][1])
-    summary = summarize(pd.DataFrame(runs["kvb"][0] + runs["kvb_replay"][0]))
+    summary = summarize(pd.DataFrame(map(asdict, runs["kvb"][0] + runs["kvb_replay"][0])))
     logging.getLogger(__name__).info("KVB with and without replay (%s):\n%s", shape, summary)
     assert summary.final_accuracy.between(0, 1).all()
 
@@ -361,7 +364,7 @@ def test_checkpoint_after_an_experience_resumes_to_the_same_result(tensor_bench,
     for name, p in straight.model.named_parameters():
         assert torch.equal(p, params[name]), name
     assert resumed.optimizer.param_groups[0]["params"][0] is next(resumed.model.parameters())
-    assert [r["accuracy"] for r in straight_rows if r["trained_through"] == 1] == [
+    assert [r.accuracy for r in straight_rows if r.trained_through == 1] == [
         resumed.evaluator.get_last_metrics()[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"]
         for j in range(2)]
     # the evaluator came back too: its history holds the evaluation before the checkpoint

@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from kvb_avalanche.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 NAMES = ("cifar10", "cifar100")
@@ -84,19 +86,22 @@ class _Raw:
     source: str
 
 
-def default_data_roots() -> list[Path]:
-    """Where a local copy is looked for, in this order (duplicates removed).
+def avalanche_data_root() -> Path:
+    """Avalanche's data folder: ``default_dataset_location`` without the data set's name
+    (``~/.avalanche/data``, or the ``dataset_location`` of ``~/.avalanche/config.json``)."""
+    from avalanche.benchmarks.datasets.dataset_utils import default_dataset_location
 
-    ``$KVB_DATA_ROOT`` (if set), ``./data`` (in the working directory), ``<repo>/data``,
-    ``<repo>/../shared/data`` and ``~/.avalanche/data`` (Avalanche's default), where
-    ``<repo>`` is the folder holding ``benchmarks/``.
-    """
-    repo = Path(__file__).resolve().parent.parent
+    return default_dataset_location("cifar10").parent
+
+
+def default_data_roots() -> list[Path]:
+    """Where a local copy is looked for when no root is given, in this order:
+    ``$KVB_DATA_ROOT`` (if set), then Avalanche's data folder (:func:`avalanche_data_root`),
+    which holds Avalanche's and torchvision's downloads (``cifar10/cifar-10-batches-py``)."""
     roots = []
     if os.environ.get("KVB_DATA_ROOT"):
         roots.append(Path(os.environ["KVB_DATA_ROOT"]).expanduser())
-    roots += [Path.cwd() / "data", repo / "data", repo.parent / "shared" / "data",
-              Path.home() / ".avalanche" / "data"]
+    roots.append(avalanche_data_root())
     return list(dict.fromkeys(r.resolve() for r in roots))
 
 
@@ -115,9 +120,9 @@ def _layouts_help(name: str, split: str) -> str:
         f"'{PICKLE_DIRS[name]}/' or '{name}/{PICKLE_DIRS[name]}/' ({files}); (2) an "
         f"ImageFolder tree '{name}/{split}/<class>/*.png|webp|jpg|jpeg'; (3) tar archives "
         f"'{name}/*.tar|*.tar.gz|*.tgz' with members '{name}/{split}/<class>/<file>'. "
-        f"To download it (needs a network): python benchmarks/split_cifar10.py --download, "
-        f"or torchvision.datasets.{tv}(root, download=True); or set $KVB_DATA_ROOT / "
-        f"--data-root to a folder holding a copy."
+        f"To download it (needs a network): kvb-avalanche split-cifar10 --download, "
+        f"load_cifar(..., download=True) or torchvision.datasets.{tv}(root, download=True); "
+        f"or set $KVB_DATA_ROOT / --data-root to a folder holding a copy."
     )
 
 
@@ -247,11 +252,43 @@ def _read_archive(archive: Path, prefix: tuple[str, str], found: dict, prefixes:
 
 
 def _from_archives(folder: Path, name: str, split: str, max_per_class: int | None,
-                   progress: bool, notes: list[str]) -> _Raw | None:
+                   progress: bool, notes: list[str], cache_dir: Path | None = None
+                   ) -> _Raw | None:
     archives = sorted(p for p in folder.iterdir()
                       if p.is_file() and p.name.lower().endswith(ARCHIVE_SUFFIXES))
     if not archives:
         return None
+    if cache_dir is None:
+        return _read_archives(folder, archives, name, split, max_per_class, progress, notes)
+    stamp = [(a.name, a.stat().st_size, a.stat().st_mtime_ns) for a in archives]
+    key = hashlib.sha256(repr((str(folder.resolve()), stamp, name, split,
+                               max_per_class)).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{name}-{split}-decoded-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                got = _Raw(f["images"], f["labels"], [str(c) for c in f["classes"]],
+                           str(f["source"]))
+                identity = str(f["identity"])
+            if data_identity(got.images, got.labels) == identity:
+                return got
+            log.warning("decoded-image cache %s fails its checksum: reading the archives", path)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("decoded-image cache %s is unusable (%s): reading the archives", path, e)
+    got = _read_archives(folder, archives, name, split, max_per_class, progress, notes)
+    if got is not None:
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=got.images, labels=got.labels, classes=np.array(got.classes),
+                         source=np.array(got.source),
+                         identity=np.array(data_identity(got.images, got.labels)))
+
+        atomic_write(path, save)
+    return got
+
+
+def _read_archives(folder: Path, archives: list[Path], name: str, split: str,
+                   max_per_class: int | None, progress: bool, notes: list[str]) -> _Raw | None:
     found: dict[tuple[str, str], tuple[bytes, Path]] = {}
     prefixes: set[str] = set()
     total = sum(a.stat().st_size for a in archives)
@@ -275,7 +312,7 @@ def _from_archives(folder: Path, name: str, split: str, max_per_class: int | Non
 
 
 def _find(root: Path, name: str, split: str, max_per_class: int | None, progress: bool,
-          notes: list[str]) -> _Raw | None:
+          notes: list[str], cache_dir: Path | None = None) -> _Raw | None:
     """The first recognised layout under one root, or None."""
     for folder in (root / PICKLE_DIRS[name], root / name / PICKLE_DIRS[name]):
         if folder.is_dir():
@@ -287,12 +324,14 @@ def _find(root: Path, name: str, split: str, max_per_class: int | None, progress
         if got is not None:
             return got
     if (root / name).is_dir():
-        return _from_archives(root / name, name, split, max_per_class, progress, notes)
+        return _from_archives(root / name, name, split, max_per_class, progress, notes,
+                              cache_dir)
     return None
 
 
 def _download(root: Path, name: str, split: str) -> _Raw:
-    """Fetch with torchvision (into ``root``) and return its arrays."""
+    """Fetch with torchvision into ``root/<name>`` (Avalanche's layout) and return its arrays."""
+    root = root / name
     import kvb_avalanche  # noqa: F401  (torchvision import hook, before torchvision)
 
     # isort: split
@@ -317,12 +356,15 @@ def load_cifar(
     download: bool = False,
     max_per_class: int | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> ImageSplit:
     """Load one CIFAR split from ``root``, or from the first default root holding a copy.
 
     ``max_per_class`` keeps the first k images of each class (in file-name order);
-    ``download`` fetches the data with torchvision into ``root`` (default: the first of
-    :func:`default_data_roots`) when no copy is found. Raises :class:`DataError`.
+    ``download`` fetches the data with torchvision into ``<root>/<name>`` (default root:
+    Avalanche's data folder) when no copy is found. ``cache_dir``: where images decoded
+    from tar archives are kept (keyed by the archives' names, sizes and times), so the
+    next load skips reading and decoding them. Raises :class:`DataError`.
     """
     if name not in NAMES:
         raise DataError(f"unknown data set {name!r} (argument 'name'); "
@@ -340,13 +382,14 @@ def load_cifar(
     got = None
     for r in roots:
         if r.is_dir():
-            got = _find(r, name, split, max_per_class, progress, notes)
+            got = _find(r, name, split, max_per_class, progress, notes, cache_dir)
             if got is not None:
                 break
         elif root is not None:
             notes.append(f"{r} is not a folder")
     if got is None and download:
-        got = _download(roots[0], name, split)
+        got = _download(Path(root).expanduser() if root is not None else avalanche_data_root(),
+                        name, split)
     if got is None:
         seen = f" Seen: {'; '.join(notes)}." if notes else ""
         raise DataError(f"no copy of {name} {split} found in {', '.join(map(str, roots))}."

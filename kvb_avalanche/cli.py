@@ -1,0 +1,273 @@
+"""The ``kvb-avalanche`` command: experiments, sweeps and reports.
+
+    kvb-avalanche split-cifar10 --out OUT [--quick] [--seeds 0 1 2] [--kvb-epochs 10] ...
+    kvb-avalanche toy-2d --out OUT
+    kvb-avalanche sweep SPEC.yaml --out DIR [--engine local|ray] [--address ADDR]
+    kvb-avalanche report DIR
+
+Every configuration field is a flag (``--field-name``); bad input stops with a message
+naming the flag and exit status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from kvb_avalanche.benchmarks.cifar import DataError
+from kvb_avalanche.experiments.config import (
+    QUICK,
+    BaseConfig,
+    ConfigError,
+    ExperimentConfig,
+    ToyConfig,
+    flag,
+)
+from kvb_avalanche.experiments.runner import RunOptions
+
+log = logging.getLogger("kvb_avalanche")
+
+
+# ---------------------------------------------------------------------------- flags
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[BaseConfig],
+                     skip: tuple[str, ...] = ()) -> None:
+    """A flag for every field of ``cls``, with its type, choices and help. Defaults are left
+    out (argparse.SUPPRESS), so the flags given can be told from the rest."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name,
+                                      help=f"{f.metadata.get('help', '')} (default: "
+                                           f"{_shown(default)})")
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            hint = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            parser.add_argument(flag(f.name), action="store_true", **kwargs)
+            continue
+        if origin is Literal:
+            kwargs["choices"] = list(args)
+        elif origin is tuple:
+            kwargs.update(nargs="+", type=args[0])
+        else:
+            kwargs["type"] = hint
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    """Flags that change how a run goes, never its numbers."""
+    if data:
+        parser.add_argument("--data-root", type=Path, default=None,
+                            help="folder holding CIFAR (torchvision folders, ImageFolder trees "
+                                 "or tar archives); default: $KVB_DATA_ROOT, else Avalanche's "
+                                 "data folder (~/.avalanche/data)")
+        parser.add_argument("--download", action="store_true",
+                            help="download CIFAR with torchvision if no local copy is found")
+        parser.add_argument("--cache-dir", type=Path, default=None,
+                            help="embedding and image cache; default: $KVB_CACHE_DIR, else "
+                                 "~/.cache/kvb_avalanche")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard results in the output folder from another configuration")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+
+
+def options_from(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(data_root=getattr(args, "data_root", None),
+                      cache_dir=getattr(args, "cache_dir", None),
+                      download=getattr(args, "download", False), progress=args.progress,
+                      overwrite=args.overwrite)
+
+
+def config_from(args: argparse.Namespace, cls: type[BaseConfig], base: dict | None = None
+                ) -> BaseConfig:
+    """The configuration: ``base`` (a preset), then the flags given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return cls.from_dict({**(base or {}), **given})
+
+
+def check_out(out: Path) -> None:
+    """ConfigError unless ``out`` is (or can be made) a writable folder."""
+    out = out.resolve()
+    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError("out", f"{{out}} {out}: {probe} is not a writable folder")
+
+
+# ---------------------------------------------------------------------------- commands
+def _split(args: argparse.Namespace, benchmark: str) -> Any:
+    from kvb_avalanche.experiments.runner import run_experiment
+
+    base = {"benchmark": benchmark, **(QUICK if args.quick else {})}
+    config = config_from(args, ExperimentConfig, base)
+    check_out(args.out)
+    table = run_experiment(config, args.out, options_from(args))
+    _print_tables(table, args.out / "expectations.csv")
+    return table
+
+
+def _toy(args: argparse.Namespace) -> Any:
+    from kvb_avalanche.experiments.runner import run_toy
+
+    config = config_from(args, ToyConfig)
+    check_out(args.out)
+    table = run_toy(config, args.out, options_from(args))
+    _print_tables(table)
+    return table
+
+
+def _sweep(args: argparse.Namespace) -> Any:
+    from kvb_avalanche.experiments.sweep import check_engine, load_spec, run_sweep
+
+    check_engine(args.engine)
+    spec = load_spec(args.spec)
+    check_out(args.out)
+    summary = run_sweep(spec, args.out, options_from(args), engine=args.engine,
+                        address=args.address, cpus_per_run=args.cpus_per_run,
+                        gpus_per_run=args.gpus_per_run, retries=args.retries)
+    if len(summary):
+        columns = [*spec.grid, "strategy"]
+        means = summary.groupby(columns, sort=False)[["final_accuracy", "average_forgetting"]]
+        _print_tables(means.agg(["mean", "std"]).reset_index())
+    return summary
+
+
+def _report(args: argparse.Namespace) -> None:
+    from kvb_avalanche.experiments import sweep
+    from kvb_avalanche.experiments.records import RunStore
+    from kvb_avalanche.experiments.reports import write_split_reports, write_toy_reports
+    from kvb_avalanche.experiments.strategies import STRATEGIES
+
+    path = args.dir / "config.json"
+    if not path.is_file():
+        raise ConfigError("dir", f"{{dir}} {args.dir} holds no config.json: not a results folder")
+    record = json.loads(path.read_text())
+    kind = record.get("kind") or ("split_cifar" if "arguments" in record else None)
+    if kind == "sweep":
+        sweep.report(args.dir)
+        return
+    config_values = record.get("config") or record.get("arguments", {})
+    store = RunStore(args.dir, config_values)
+    records = store.records()
+    if not records:
+        raise ConfigError("dir", f"{{dir}} {args.dir} holds no finished run under runs/")
+    if kind == "toy_2d":
+        _print_tables(write_toy_reports(args.dir, records, config_values.get("strategies", [])))
+        return
+    strategies = config_values.get("strategies") or list(STRATEGIES)
+    joint = {s for s in strategies if s in STRATEGIES and STRATEGIES[s].joint}
+    benchmark = config_values.get("benchmark", "split_cifar10")
+    classes = 100 if benchmark == "split_cifar100" else 10
+    table = write_split_reports(args.dir, records, strategies, joint,
+                                benchmark.replace("split_cifar", "split CIFAR-"), classes)
+    _print_tables(table, args.dir / "expectations.csv")
+
+
+def _print_tables(table: Any, checks: Path | None = None) -> None:
+    """The command's output: the results table (and the claims checked)."""
+    import pandas as pd
+
+    with pd.option_context("display.width", 160):
+        print(table.to_string(index=False, float_format="%.3f"))  # noqa: T201 (CLI output)
+        if checks is not None and checks.exists():
+            print(pd.read_csv(checks).to_string(index=False))  # noqa: T201
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvb-avalanche",
+        description="Discrete key-value bottleneck experiments on Avalanche: KVB against "
+                    "Avalanche's baselines on the same frozen features.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    split = sub.add_parser("split-cifar10", help="class-incremental split CIFAR-10",
+                           description="Class-incremental split CIFAR-10 on frozen embeddings: "
+                                       "KVB against Avalanche's baselines.")
+    split.add_argument("--out", type=Path, required=True, help="output folder")
+    split.add_argument("--quick", action="store_true",
+                       help="tiny end-to-end run: 100 train / 50 test images a class, 32 px, "
+                            "small bottleneck, few epochs (for tests and a first look); flags "
+                            "given explicitly win")
+    add_config_flags(split, ExperimentConfig, skip=("benchmark",))
+    add_run_flags(split)
+    split.set_defaults(func=lambda a: _split(a, "split_cifar10"), parser=split)
+
+    toy = sub.add_parser("toy-2d", help="the paper's 2-D toy (Fig. 2)",
+                         description="The paper's 2-D toy: 8 Gaussian blobs learned 2 classes "
+                                     "at a time; KVB against naive learners.")
+    toy.add_argument("--out", type=Path, required=True, help="output folder")
+    add_config_flags(toy, ToyConfig)
+    add_run_flags(toy, data=False)
+    toy.set_defaults(func=_toy, parser=toy)
+
+    sweep = sub.add_parser("sweep", help="a grid of configurations x seeds x strategies",
+                           description="Run (or resume) a sweep file: a grid over any "
+                                       "configuration fields x seeds x strategies.")
+    sweep.add_argument("spec", type=Path, help="sweep file (YAML): experiment, parameters")
+    sweep.add_argument("--out", type=Path, required=True, help="output folder")
+    sweep.add_argument("--engine", default="local", metavar="ENGINE",
+                       help="local (in this process, one run after another) or ray (each run "
+                            "a Ray task; pip install 'kvb-avalanche[ray]')")
+    sweep.add_argument("--address", default=None,
+                       help="with --engine ray: the cluster to join ('auto', or host:port); "
+                            "default: start a local one")
+    sweep.add_argument("--cpus-per-run", type=float, default=1, help="Ray CPUs per run")
+    sweep.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run")
+    sweep.add_argument("--retries", type=int, default=1,
+                       help="Ray: times a failed run (or a dead worker's) is retried")
+    add_run_flags(sweep)
+    sweep.set_defaults(func=_sweep, parser=sweep)
+
+    report = sub.add_parser("report", help="redraw the tables and figures of a results folder")
+    report.add_argument("dir", type=Path, help="a folder an experiment or sweep wrote")
+    report.set_defaults(func=_report, parser=report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run the command; returns its table. Exits 2 on bad input (nothing written), 1 if
+    runs of a sweep failed."""
+    from kvb_avalanche.experiments.sweep import SweepFailed
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    command = args.parser
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        message = str(e) if args.command == "sweep" and e.field not in ("out", "engine") \
+            else e.render(flag)
+        command.exit(2, f"{command.prog}: error: {message}\n")
+    except DataError as e:
+        command.exit(2, f"{command.prog}: error: {e}\n")
+    except SweepFailed as e:
+        command.exit(1, f"{command.prog}: {e}\n")
+
+
+def entry_point() -> None:
+    """``kvb-avalanche`` (the console script)."""
+    main()
+    sys.exit(0)

@@ -1,0 +1,303 @@
+"""Typed experiment configurations: every field named, typed, validated; JSON round trip.
+
+A configuration is everything that decides an experiment's numbers (paths, progress bars
+and the output folder are not part of it). Errors name the field (``ConfigError.field``);
+the command line renders the same message with its flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from kvb_avalanche.benchmarks.cifar import NUM_CLASSES
+
+BENCHMARKS = {"split_cifar10": "cifar10", "split_cifar100": "cifar100"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``template`` names fields as ``{field}``; :meth:`render`
+    writes them as the caller calls them (field names, or command-line flags)."""
+
+    def __init__(self, field_name: str, template: str, fields: typing.Iterable[str] = ()) -> None:
+        self.field, self.template = field_name, template
+        self._names = {field_name, *fields}
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: typing.Callable[[str], str]) -> str:
+        return re.sub(r"\{(\w+)\}", lambda m: name(m.group(1)) if m.group(1) in self._names
+                      else m.group(0), self.template)
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a field."""
+    return "--" + field_name.replace("_", "-")
+
+
+def describe(help_text: str, **extra: Any) -> dict:
+    """Field metadata: the help shown by the command line."""
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Checks and converts field types from the annotations, then runs :meth:`validate`."""
+
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name),
+                                                     hints[f.name], self._field_names()))
+        self.validate()
+
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+
+    def to_dict(self) -> dict:
+        """Plain JSON types: paths as strings, tuples as lists."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            return v
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BaseConfig:
+        """The configuration with ``values`` over the defaults; unknown keys are refused."""
+        names = cls._field_names()
+        for key in values:
+            if key not in names:
+                close = [n for n in names if n.startswith(str(key)[:3])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(str(key), f"{{{key}}} is not a field of {cls.__name__}{hint}; "
+                                  f"fields: {', '.join(names)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> BaseConfig:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(name: str, value: Any, hint: Any, fields: list[str]) -> Any:
+    """``value`` converted to the annotated type, or a ConfigError naming the field."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(name, f"{{{name}}} must be {expected}, got {value!r}", fields)
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0], fields) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise bad(f"one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise bad(f"a list of {args[0].__name__}")
+        items = [_coerce(name, v, args[0], fields) for v in value]
+        if not items:
+            raise bad("a non-empty list")
+        return tuple(items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise bad("a path")
+        return Path(value)
+    return value
+
+
+def _positive(config: BaseConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(name, f"{{{name}}} must be a positive integer, got {value}")
+
+
+def _known_strategies(config: BaseConfig, known: typing.Iterable[str]) -> None:
+    known = list(known)
+    for name in config.strategies:
+        if name not in known:
+            raise ConfigError("strategies", f"unknown strategy {name!r} in {{strategies}}; "
+                              f"choose from {', '.join(known)}")
+    if len(set(config.strategies)) != len(config.strategies):
+        raise ConfigError("strategies", f"{{strategies}} lists a strategy twice: "
+                          f"{list(config.strategies)}")
+
+
+def _cifar_strategies() -> tuple[str, ...]:
+    from kvb_avalanche.experiments.strategies import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+def _toy_strategies() -> tuple[str, ...]:
+    from kvb_avalanche.experiments.strategies import TOY
+
+    return tuple(TOY)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(BaseConfig):
+    """Class-incremental CIFAR on frozen embeddings: KVB against Avalanche's baselines.
+
+    Defaults are the paper's KVB configuration (256 codebooks x 4096 pairs, keys fitted on
+    CIFAR-100 without labels) and this project's baselines on split CIFAR-10.
+    """
+
+    kind: ClassVar[str] = "split_cifar"
+
+    benchmark: Literal["split_cifar10", "split_cifar100"] = field(
+        default="split_cifar10", metadata=describe("which split CIFAR benchmark"))
+    n_experiences: int = field(default=5, metadata=describe("experiences the classes are split in"))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe("seeds, one run each"))
+    strategies: tuple[str, ...] = field(default_factory=_cifar_strategies, metadata=describe(
+        "strategies to run (default: all registered)", metavar="NAME",
+        registry="kvb_avalanche.experiments.strategies:STRATEGIES"))
+    # data and encoder
+    encoder: str = field(default="efficientnet_lite0", metadata=describe(
+        "frozen encoder (a name of kvb_avalanche.encoders.ENCODERS)", metavar="NAME"))
+    weights: Path | None = field(default=None, metadata=describe(
+        "encoder weights file (state dict); default: the encoder's own"))
+    resolution: int = field(default=64, metadata=describe(
+        "encoder input size in px (see results/encoder_resolution)"))
+    max_per_class: int | None = field(default=None, metadata=describe(
+        "use at most this many training images per class"))
+    test_max_per_class: int | None = field(default=None, metadata=describe(
+        "use at most this many test images per class"))
+    key_init_data: Literal["cifar100", "cifar10", "none"] = field(
+        default="cifar100", metadata=describe(
+            "unlabelled data the keys are fitted on ('none': the first experience)"))
+    key_init_max_per_class: int | None = field(default=None, metadata=describe(
+        "use at most this many key-initialisation images per class"))
+    shuffle_classes: bool = field(default=False, metadata=describe(
+        "shuffle the class order per seed (default order [0,1] ... [8,9])"))
+    # KVB: the paper's configuration
+    codebooks: int = field(default=256, metadata=describe("KVB codebooks"))
+    num_pairs: int = field(default=4096, metadata=describe("KVB key-value pairs per codebook"))
+    dim_keys: int = field(default=14, metadata=describe("KVB key dimension"))
+    dim_values: int | None = field(default=None, metadata=describe(
+        "KVB value dimension (default and, with the voting decoder, only: the class count)"))
+    topk: int = field(default=1, metadata=describe("keys fetched per codebook"))
+    kvb_lr: float = field(default=0.3, metadata=describe("KVB learning rate (SGD on values)"))
+    kvb_epochs: int = field(default=10, metadata=describe(
+        "KVB epochs per experience (flat from 1 to 100: results/kvb_epochs)"))
+    mask_unused_keys: bool = field(default=False, metadata=describe(
+        "at evaluation, search only keys trained on (official deactivate_counts)"))
+    key_epochs: int = field(default=2, metadata=describe("EMA k-means epochs fitting the keys"))
+    kmeans_samples: int = field(default=8192, metadata=describe(
+        "embeddings for the Lloyd k-means start of the keys"))
+    kmeans_iters: int = field(default=3, metadata=describe("Lloyd k-means iterations"))
+    # baselines
+    epochs: int = field(default=10, metadata=describe("baseline epochs per experience"))
+    lr: float = field(default=1e-3, metadata=describe("baselines' Adam learning rate"))
+    batch_size: int = field(default=256, metadata=describe("training batch size (all strategies)"))
+    hidden: int = field(default=128, metadata=describe("MLP head hidden units"))
+    buffer_size: int = field(default=200, metadata=describe("replay buffer size"))
+    ewc_lambda: float = field(default=1000.0, metadata=describe("EWC penalty weight"))
+    lwf_alpha: float = field(default=1.0, metadata=describe("LwF distillation weight"))
+    lwf_temperature: float = field(default=2.0, metadata=describe("LwF temperature"))
+
+    @property
+    def dataset(self) -> str:
+        return BENCHMARKS[self.benchmark]
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+    @property
+    def values_dim(self) -> int:
+        return self.num_classes if self.dim_values is None else self.dim_values
+
+    def validate(self) -> None:
+        from kvb_avalanche.encoders import ENCODERS
+        from kvb_avalanche.experiments.strategies import STRATEGIES
+
+        _known_strategies(self, STRATEGIES)
+        if self.encoder not in ENCODERS:
+            raise ConfigError("encoder", f"{{encoder}} {self.encoder!r} is not a known encoder; "
+                              f"choose from {', '.join(ENCODERS)}")
+        _positive(self, "n_experiences", "kvb_epochs", "epochs", "batch_size", "buffer_size",
+                  "codebooks", "num_pairs", "dim_keys", "dim_values", "topk", "resolution",
+                  "hidden", "max_per_class", "test_max_per_class", "key_init_max_per_class",
+                  "kmeans_samples")
+        for name in ("key_epochs", "kmeans_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"{{{name}}} must be >= 0, got {getattr(self, name)}")
+        for name in ("kvb_lr", "lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"{{{name}}} must be > 0, got {getattr(self, name)}")
+        if self.num_classes % self.n_experiences:
+            raise ConfigError("n_experiences", f"{{n_experiences}} must divide the "
+                              f"{self.num_classes} classes, got {self.n_experiences}")
+        if self.topk > self.num_pairs:
+            raise ConfigError("topk", f"{{topk}} ({self.topk}) must be <= {{num_pairs}} "
+                              f"({self.num_pairs})", ["num_pairs"])
+        if self.values_dim != self.num_classes:
+            raise ConfigError("dim_values", f"{{dim_values}} must equal the number of classes "
+                              f"({self.num_classes}) with the voting decoder, got "
+                              f"{self.dim_values}")
+        if self.weights is not None and not self.weights.is_file():
+            raise ConfigError("weights", f"{{weights}} {self.weights}: no such file")
+
+
+QUICK = dict(max_per_class=100, test_max_per_class=50, key_init_max_per_class=20, resolution=32,
+             codebooks=32, num_pairs=256, dim_keys=8, kvb_epochs=30, kvb_lr=10.0, epochs=20,
+             batch_size=32, key_epochs=2, kmeans_samples=2000, buffer_size=50)
+"""``--quick``: a one-minute end-to-end run on 100 images a class (tests, a first look)."""
+
+@dataclass(frozen=True)
+class ToyConfig(BaseConfig):
+    """The paper's 2-D toy: 8 blobs in 4 class-incremental stages, full-batch Adam."""
+
+    kind: ClassVar[str] = "toy_2d"
+
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe("seeds, one run each"))
+    strategies: tuple[str, ...] = field(default_factory=_toy_strategies, metadata=describe(
+        "strategies to run (default: all registered)", metavar="NAME",
+        registry="kvb_avalanche.experiments.strategies:TOY"))
+    steps: int = field(default=1000, metadata=describe("full-batch steps per stage"))
+    key_steps: int = field(default=1000, metadata=describe("EMA steps fitting the keys"))
+    lr: float = field(default=1e-3, metadata=describe("Adam learning rate (all strategies)"))
+    ewc_lambda: float = field(default=100.0, metadata=describe("EWC penalty weight"))
+    replay_size: int = field(default=100, metadata=describe("replay buffer size"))
+    std: float = field(default=0.035, metadata=describe("blob standard deviation"))
+
+    def validate(self) -> None:
+        from kvb_avalanche.experiments.strategies import TOY
+
+        _known_strategies(self, TOY)
+        _positive(self, "steps", "key_steps", "replay_size")
+        if not self.lr > 0 or not self.std > 0:
+            name = "lr" if not self.lr > 0 else "std"
+            raise ConfigError(name, f"{{{name}}} must be > 0, got {getattr(self, name)}")

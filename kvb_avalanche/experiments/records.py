@@ -1,0 +1,156 @@
+"""What a run leaves behind: typed rows and records, and the store that keeps them.
+
+A run is one strategy on one seed of one configuration. Its :class:`RunRecord` is written
+to ``OUT/runs/<strategy>-seed<seed>.json`` the moment it finishes, atomically, so a killed
+experiment loses only the run in progress (and that one only back to its last
+checkpointed experience).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvb_avalanche.experiments.config import ConfigError
+from kvb_avalanche.io import atomic_write
+
+SUMMARY_COLUMNS = ["strategy", "seed", "final_accuracy", "average_forgetting", "train_seconds"]
+MATRIX_COLUMNS = ["strategy", "seed", "trained_through", "evaluated_on", "accuracy"]
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    """Accuracy on test experience ``evaluated_on`` after training through ``trained_through``."""
+
+    strategy: str
+    seed: int
+    trained_through: int
+    evaluated_on: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class KeySharingRow:
+    """Of the (codebook, key) pairs experience ``experience`` selected, how many, the share
+    already selected by earlier experiences, and the share of all pairs selected so far."""
+
+    strategy: str
+    seed: int
+    experience: int
+    keys_selected: int
+    fraction_shared_with_earlier: float
+    fraction_ever_selected: float
+
+
+@dataclass
+class RunRecord:
+    """One strategy on one seed: its accuracy matrix, training time and diagnostics."""
+
+    strategy: str
+    seed: int
+    train_seconds: float
+    matrix: list[MatrixRow]
+    key_sharing: list[KeySharingRow] = field(default_factory=list)
+    class_order: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the toy's decision regions
+
+    def to_json(self) -> dict:
+        out = {"strategy": self.strategy, "seed": self.seed, "train_seconds": self.train_seconds,
+               "matrix": [dataclasses.asdict(r) for r in self.matrix],
+               "key_sharing": [dataclasses.asdict(r) for r in self.key_sharing],
+               "class_order": self.class_order}
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict, strategy: str | None = None, seed: int | None = None
+                  ) -> RunRecord:
+        known = {"strategy", "seed", "train_seconds", "matrix", "key_sharing", "class_order"}
+        return cls(d.get("strategy", strategy), d.get("seed", seed), d["train_seconds"],
+                   [MatrixRow(**r) for r in d["matrix"]],
+                   [KeySharingRow(**r) for r in d.get("key_sharing", [])],
+                   list(d.get("class_order", [])),
+                   {k: v for k, v in d.items() if k not in known})
+
+
+def write_json(obj: dict, path: Path) -> None:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+    atomic_write(path, dump)
+
+
+class RunStore:
+    """Finished runs of one configuration under ``OUT/runs/``, unfinished ones' checkpoints
+    under ``OUT/checkpoints/``, and ``OUT/config.json``, the configuration's record.
+
+    A different configuration pointed at the same ``OUT`` is refused (naming the fields that
+    differ) unless ``overwrite``, which discards the stored runs and checkpoints.
+    """
+
+    def __init__(self, out: Path, identity: dict, overwrite: bool = False) -> None:
+        self.out, self.identity, self.overwrite = Path(out), identity, overwrite
+        self.runs = self.out / "runs"
+
+    def check(self) -> None:
+        """Raise ConfigError (field ``out``) if OUT holds another configuration's runs;
+        writes nothing."""
+        config = self.out / "config.json"
+        if self.overwrite or not config.exists():
+            return
+        try:
+            previous = json.loads(config.read_text()).get("config", {})
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError("out", f"{{out}} {self.out}: its config.json is unreadable ({e}); "
+                              "use another {out}, or {overwrite}", ["overwrite"]) from e
+        differ = sorted(k for k in set(previous) | set(self.identity)
+                        if previous.get(k) != self.identity.get(k))
+        if differ:
+            shown = ", ".join(f"{{{k}}} ({previous.get(k)!r} -> {self.identity.get(k)!r})"
+                              for k in differ)
+            raise ConfigError("out", f"{{out}} {self.out} holds results of a different "
+                              f"configuration: {shown}. Use another {{out}}, or {{overwrite}} "
+                              "to discard them.", [*differ, "overwrite"])
+
+    def open(self, record: dict) -> None:
+        """Create OUT and write config.json (``record`` beside the configuration)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:  # finished runs and the checkpoints of unfinished ones
+            for f in [*self.runs.glob("*.json"), *self.checkpoints.glob("*.pt")]:
+                f.unlink()
+        write_json({"config": self.identity, **record}, self.out / "config.json")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def checkpoint(self, strategy: str, seed: int) -> Path:
+        return self.checkpoints / f"{strategy}-seed{seed}.pt"
+
+    def logs(self, strategy: str, seed: int) -> Path:
+        return self.out / "logs" / f"{strategy}-seed{seed}"
+
+    def _path(self, strategy: str, seed: int) -> Path:
+        return self.runs / f"{strategy}-seed{seed}.json"
+
+    def load(self, strategy: str, seed: int) -> RunRecord | None:
+        path = self._path(strategy, seed)
+        if not path.exists():
+            return None
+        return RunRecord.from_json(json.loads(path.read_text()), strategy, seed)
+
+    def save(self, record: RunRecord) -> None:
+        """Write the record, then drop the run's checkpoint: it is finished."""
+        write_json(record.to_json(), self._path(record.strategy, record.seed))
+        self.checkpoint(record.strategy, record.seed).unlink(missing_ok=True)
+
+    def records(self) -> list[RunRecord]:
+        """Every finished run in OUT (for reports), by file name."""
+        out = []
+        for path in sorted(self.runs.glob("*.json")):
+            strategy, _, seed = path.stem.rpartition("-seed")
+            out.append(RunRecord.from_json(json.loads(path.read_text()), strategy, int(seed)))
+        return out

@@ -1,0 +1,377 @@
+"""The runner: an experiment's runs, each a strategy on a seed, through Avalanche.
+
+Every strategy is trained on the same stream and measured by the same evaluation plugin
+after every experience on the whole test stream (:func:`run_stream`), so KVB and the
+baselines are measured by exactly the same code. A run's record is stored the moment it
+finishes; a continual run is checkpointed after every experience and resumed from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
+from avalanche.logging import BaseLogger, CSVLogger, InteractiveLogger
+from avalanche.training.plugins import EvaluationPlugin
+
+from kvb_avalanche.benchmarks.embedded import (
+    EmbeddedSplits,
+    class_order,
+    embed_cifar,
+    tensor_scenario,
+)
+from kvb_avalanche.bottleneck import KeyValueBottleneck
+from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
+from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.encoders import build_encoder
+from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig, ToyConfig
+from kvb_avalanche.experiments.records import MatrixRow, RunRecord, RunStore
+from kvb_avalanche.experiments.reports import (
+    key_sharing_rows,
+    plot_regions,
+    write_split_reports,
+    write_toy_reports,
+)
+from kvb_avalanche.experiments.strategies import STRATEGIES, TOY, BuildContext
+from kvb_avalanche.keys import KeyFitConfig
+from kvb_avalanche.model import KVBModel
+from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
+
+log = logging.getLogger(__name__)
+
+_EXP_ACC = "Top1_Acc_Exp/eval_phase/test_stream/"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, not what: none of it changes a number."""
+
+    data_root: Path | None = None  # a local copy of the data; default: kvb_avalanche's search
+    cache_dir: Path | None = None  # embeddings and decoded images; default: default_cache_dir()
+    download: bool = False  # fetch the data with torchvision when no copy is found
+    progress: bool = True  # progress bars and Avalanche's interactive logger
+    overwrite: bool = False  # discard OUT's runs of another configuration
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------- one stream
+def make_evaluator(loggers: Sequence[BaseLogger] = ()) -> EvaluationPlugin:
+    """Accuracy and forgetting at experience and stream level, plus the stream loss."""
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loss_metrics(stream=True),
+        loggers=list(loggers),
+    )
+
+
+def evaluate(strategy: Any, benchmark: Any, name: str, seed: int, trained_through: int
+             ) -> list[MatrixRow]:
+    """Accuracy on every test experience, via the strategy's own evaluator."""
+    metrics = strategy.eval(benchmark.test_stream)
+    accs = {}
+    for key, value in metrics.items():
+        if key.startswith(_EXP_ACC):
+            accs[int(key.rsplit("Exp", 1)[1])] = float(value)
+    if len(accs) != len(benchmark.test_stream):
+        raise RuntimeError(f"expected accuracy for every test experience, got {sorted(accs)}")
+    return [MatrixRow(name, seed, trained_through, j, accs[j]) for j in sorted(accs)]
+
+
+def run_stream(
+    strategy: Any, benchmark: Any, name: str, seed: int,
+    after_experience: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+    state: dict | None = None,
+) -> tuple[list[MatrixRow], float]:
+    """Train on each experience in turn, evaluating the whole test stream after each.
+
+    Returns accuracy-matrix rows and the training wall time in seconds (evaluation excluded).
+    ``after_experience(t)`` is called after training on experience t, before its evaluation.
+    With ``checkpoint``, the strategy, the rows so far and ``state`` (a dict the caller
+    fills, e.g. from ``after_experience``) are saved there after every experience; a
+    checkpoint found at the start is resumed from, restoring them (``state`` in place).
+    """
+    rows: list[MatrixRow] = []
+    train_seconds, start_at = 0.0, 0
+    if checkpoint is not None:
+        start_at, progress = maybe_load_checkpoint(strategy, checkpoint)
+        if progress is not None:
+            rows, train_seconds = progress["rows"], progress["train_seconds"]
+            if state is not None:
+                state.update(progress["state"])
+            log.info("%s seed %d: resuming after experience %d from %s", name, seed,
+                     start_at - 1, checkpoint)
+    for t, experience in enumerate(benchmark.train_stream):
+        if t < start_at:
+            continue
+        start = time.perf_counter()
+        strategy.train(experience, eval_streams=[])
+        train_seconds += time.perf_counter() - start
+        if after_experience is not None:
+            after_experience(t)
+        rows += evaluate(strategy, benchmark, name, seed, t)
+        if checkpoint is not None:
+            save_checkpoint(strategy, checkpoint, extra={
+                "rows": rows, "train_seconds": train_seconds, "state": state or {}})
+    return rows, train_seconds
+
+
+# ---------------------------------------------------------------------------- split CIFAR
+KEY_FIELDS = ("benchmark", "encoder", "weights", "resolution", "key_init_data",
+              "key_init_max_per_class", "codebooks", "num_pairs", "dim_keys", "dim_values",
+              "topk", "key_epochs", "kmeans_samples", "kmeans_iters", "batch_size")
+# with key_init_data 'none' the keys are fitted on the first experience, which these decide
+FIRST_EXPERIENCE_FIELDS = ("max_per_class", "n_experiences", "shuffle_classes")
+DATA_FIELDS = ("benchmark", "encoder", "weights", "resolution", "max_per_class",
+               "test_max_per_class", "key_init_data", "key_init_max_per_class")
+
+
+def key_identity(config: ExperimentConfig, seed: int) -> tuple:
+    """What decides a seed's fitted keys: configurations that share it share the keys."""
+    fields = KEY_FIELDS + (FIRST_EXPERIENCE_FIELDS if config.key_init_data == "none" else ())
+    return (seed, *(str(getattr(config, f)) for f in fields))
+
+
+def data_identity(config: ExperimentConfig) -> tuple:
+    """What decides the embedded data: configurations that share it share the embeddings."""
+    needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
+    return (needs_keys, *(str(getattr(config, f)) for f in DATA_FIELDS))
+
+
+def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
+    """The configuration's embedded splits (from the cache when they are there)."""
+    needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
+    try:
+        encoder = build_encoder(config.encoder, config.weights)
+    except ValueError as e:  # a weights file that does not fit the encoder
+        raise ConfigError("weights", f"{{weights}}: {e}") from e
+    return embed_cifar(
+        config.dataset, encoder=encoder,
+        resolution=config.resolution, max_per_class=config.max_per_class,
+        test_max_per_class=config.test_max_per_class,
+        key_init_data=config.key_init_data if needs_keys else None,
+        key_init_max_per_class=config.key_init_max_per_class, dataset_root=options.data_root,
+        download=options.download, cache_dir=options.cache_dir, device=options.device,
+        progress=options.progress)
+
+
+def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:
+    """0 .. classes-1, or with ``shuffle_classes`` a permutation seeded by ``seed``."""
+    return class_order(config.num_classes, seed if config.shuffle_classes else None)
+
+
+def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
+                   progress: bool = True) -> KeyValueBottleneck:
+    """The seed's bottleneck, keys fitted without labels by :class:`KVBPlugin` and frozen.
+
+    Keys are fitted on the key-initialisation data, or with ``key_init_data='none'`` on the
+    first experience's training embeddings, shuffled by the seed.
+    """
+    bn = KeyValueBottleneck(data.dim, config.codebooks, config.num_pairs, config.dim_keys,
+                            config.values_dim, topk=config.topk, values_init="zeros", seed=seed,
+                            mask_unused_keys=config.mask_unused_keys, sparse_grad=True)
+    x = data.key_init
+    if x is None:
+        per_experience = config.num_classes // config.n_experiences
+        first = torch.tensor(seed_class_order(config, seed)[:per_experience])
+        x = data.train[0][torch.isin(data.train[1], first)]
+    perm = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+    fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
+                       kmeans_iters=config.kmeans_iters, seed=seed)
+    model = KVBModel(None, bn, VotingDecoder(config.num_classes))
+    KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(model)
+    return bn
+
+
+def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str, seed: int,
+              bottleneck: KeyValueBottleneck | None, codes: FrozenCodesPlugin | None,
+              store: RunStore | None, progress: bool = True) -> RunRecord:
+    """One strategy on one seed of a split benchmark; returns its record.
+
+    With a ``store``, Avalanche's CSV logs go to its ``logs/`` and a continual run is
+    checkpointed after every experience and resumed from its last checkpoint.
+    """
+    spec = STRATEGIES[strategy_name]
+    order = seed_class_order(config, seed)
+    stream = tensor_scenario(data.train, data.test, order, config.n_experiences)
+    checkpoint = store.checkpoint(strategy_name, seed) if store and not spec.joint else None
+    resuming = checkpoint is not None and checkpoint.exists()
+    torch.manual_seed(seed)
+    # a resumed strategy gets its loggers back from the checkpoint, its CSV files reopened
+    # where they were: a new CSVLogger would truncate them
+    loggers: list[BaseLogger] = []
+    if store is not None and not resuming:
+        loggers.append(CSVLogger(log_folder=str(store.logs(strategy_name, seed))))
+    if progress:
+        loggers.append(InteractiveLogger())
+    ctx = BuildContext(config, seed, data.dim, config.num_classes, make_evaluator(loggers),
+                       copy.deepcopy(bottleneck) if spec.uses_bottleneck else None,
+                       codes if spec.uses_bottleneck else None)
+    strategy = spec.build(ctx)
+    state: dict = {"usage_after": []}
+    try:
+        if spec.joint:  # i.i.d. upper bound: all classes at once, then the same evaluation
+            joint = tensor_scenario(data.train, data.test, order, 1)
+            start = time.perf_counter()
+            strategy.train(joint.train_stream[0], eval_streams=[])
+            train_seconds = time.perf_counter() - start
+            rows = evaluate(strategy, stream, strategy_name, seed, config.n_experiences - 1)
+        else:
+            def snapshot(t: int) -> None:
+                if spec.uses_bottleneck:
+                    state["usage_after"].append(strategy.model.bottleneck.key_usage.clone())
+
+            rows, train_seconds = run_stream(strategy, stream, strategy_name, seed,
+                                             after_experience=snapshot, checkpoint=checkpoint,
+                                             state=state)
+    finally:
+        for logger in strategy.evaluator.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.close()
+    usage = state["usage_after"]
+    sharing = key_sharing_rows(strategy_name, seed, usage) if usage else []
+    return RunRecord(strategy_name, seed, train_seconds, rows, sharing, order)
+
+
+class Workbench:
+    """Runs split-benchmark runs in this process, embedding each configuration's data and
+    fitting each seed's keys once, for every run that shares them."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self._data: dict[tuple, EmbeddedSplits] = {}
+        self._keys: dict[tuple, tuple[KeyValueBottleneck, FrozenCodesPlugin]] = {}
+
+    def data(self, config: ExperimentConfig) -> EmbeddedSplits:
+        key = data_identity(config)
+        if key not in self._data:
+            self._data[key] = embed_data(config, self.options)
+        return self._data[key]
+
+    def keys(self, config: ExperimentConfig, seed: int
+             ) -> tuple[KeyValueBottleneck, FrozenCodesPlugin]:
+        key = key_identity(config, seed)
+        if key not in self._keys:
+            bottleneck = fit_bottleneck(config, self.data(config), seed, self.options.progress)
+            self._keys = {key: (bottleneck, FrozenCodesPlugin(progress=self.options.progress))}
+        bottleneck, codes = self._keys[key]
+        bottleneck.mask_unused_keys = config.mask_unused_keys  # not part of the keys
+        return bottleneck, codes
+
+    def run(self, config: ExperimentConfig, strategy: str, seed: int,
+            store: RunStore | None = None) -> RunRecord:
+        data = self.data(config)
+        bottleneck, codes = (self.keys(config, seed) if STRATEGIES[strategy].uses_bottleneck
+                             else (None, None))
+        start = time.perf_counter()
+        record = run_split(config, data, strategy, seed, bottleneck, codes, store,
+                           self.options.progress)
+        final = sum(r.accuracy for r in record.matrix
+                    if r.trained_through == config.n_experiences - 1) / config.n_experiences
+        log.info("seed %d %-12s final accuracy %.3f  (%.0f s)", seed, strategy, final,
+                 time.perf_counter() - start)
+        return record
+
+
+def versions() -> dict:
+    """Package versions and this checkout's git commit (None outside a checkout)."""
+    out: dict[str, str | None] = {}
+    for pkg in ("kvb-avalanche", "torch", "torchvision", "avalanche-lib", "numpy", "pandas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["kvb-avalanche git commit"] = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["kvb-avalanche git commit"] = None
+    return out
+
+
+def split_title(config: ExperimentConfig) -> str:
+    return config.benchmark.replace("split_cifar", "split CIFAR-")
+
+
+def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | None = None
+                   ) -> Any:
+    """Run (or resume) a split-CIFAR experiment into ``out``; returns the mean/std table.
+
+    Raises ConfigError, DataError or ValueError before anything is written to ``out``.
+    """
+    options = options or RunOptions()
+    store = RunStore(out, config.to_dict(), options.overwrite)
+    store.check()
+    bench = Workbench(options)
+    data = bench.data(config)
+    store.open({"kind": config.kind, "options": {k: str(v) for k, v in vars(options).items()},
+                "versions": versions(), "encoder": data.encoder, "data": data.record})
+    records = []
+    for seed in config.seeds:
+        for name in config.strategies:
+            record = store.load(name, seed)
+            if record is not None:
+                log.info("seed %d %-12s already done", seed, name)
+            else:
+                record = bench.run(config, name, seed, store)
+                store.save(record)
+            records.append(record)
+    joint = {s for s in config.strategies if STRATEGIES[s].joint}
+    return write_split_reports(out, records, list(STRATEGIES), joint, split_title(config),
+                               config.num_classes)
+
+
+# ---------------------------------------------------------------------------- the 2-D toy
+GRID = 100  # decision regions are stored as predictions on a GRID x GRID lattice
+
+
+@torch.no_grad()
+def region_predictions(model: torch.nn.Module) -> list[int]:
+    """Predicted class on a GRID x GRID lattice of the unit square (row-major, y up)."""
+    axis = torch.linspace(0, 1, GRID)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    model.eval()
+    return model(grid).argmax(1).tolist()
+
+
+def run_toy(config: ToyConfig, out: Path, options: RunOptions | None = None) -> Any:
+    """Run (or resume) the 2-D toy into ``out``; returns the mean/std table."""
+    from kvb_avalanche.benchmarks.toy import NUM_CLASSES, Toy2D
+
+    options = options or RunOptions()
+    store = RunStore(out, config.to_dict(), options.overwrite)
+    store.check()
+    store.open({"kind": config.kind, "versions": versions()})
+    records = []
+    for seed in config.seeds:
+        bench = Toy2D(seed, std=config.std)
+        for name in config.strategies:
+            record = store.load(name, seed)
+            if record is None:
+                start = time.perf_counter()
+                ctx = BuildContext(config, seed, 2, NUM_CLASSES, make_evaluator())
+                strategy = TOY[name].build(ctx)
+                matrix, seconds = run_stream(strategy, bench, name, seed)
+                record = RunRecord(name, seed, seconds, matrix,
+                                   extra={"regions": region_predictions(strategy.model)})
+                store.save(record)
+                final = sum(r.accuracy for r in matrix if r.trained_through == 3) / 4
+                log.info("seed %d %-16s final accuracy %.3f (%.1fs)", seed, name, final,
+                         time.perf_counter() - start)
+            records.append(record)
+        if seed == config.seeds[0]:
+            regions = {r.strategy: r.extra["regions"] for r in records if r.seed == seed}
+            plot_regions(regions, bench.test_points, out / "decision_regions.png", GRID)
+    return write_toy_reports(out, records, config.strategies)

@@ -1,0 +1,217 @@
+"""Strategy registries: a name -> a builder of an Avalanche strategy, and what the runner
+must know of it (trained i.i.d. or class-incrementally; needs the fitted bottleneck).
+
+Register your own beside ours:
+
+    @STRATEGIES.register("kvb_adam", uses_bottleneck=True)
+    def kvb_adam(ctx: BuildContext) -> SupervisedTemplate:
+        model = KVBModel(None, ctx.bottleneck, VotingDecoder(ctx.num_classes))
+        return KVBStrategy(model=model, optimizer=torch.optim.Adam([model.bottleneck.values]),
+                           **ctx.common())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.supervised import EWC, LwF, Naive, Replay, StreamingLDA
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from kvb_avalanche.bottleneck import KeyValueBottleneck
+from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.keys import KeyFitConfig
+from kvb_avalanche.model import KVBModel
+from kvb_avalanche.plugin import FrozenCodesPlugin
+from kvb_avalanche.strategy import KVBStrategy
+
+
+@dataclass
+class BuildContext:
+    """What a builder gets: the configuration, the data's shape, the shared evaluator, and
+    for bottleneck strategies a fresh copy of the seed's fitted bottleneck (keys frozen)
+    and the seed's code cache."""
+
+    config: Any  # ExperimentConfig or ToyConfig
+    seed: int
+    dim: int
+    num_classes: int
+    evaluator: EvaluationPlugin
+    bottleneck: KeyValueBottleneck | None = None
+    codes: FrozenCodesPlugin | None = None
+
+    def common(self) -> dict:
+        """Keyword arguments every CIFAR strategy shares."""
+        return dict(train_mb_size=self.config.batch_size, eval_mb_size=1024,
+                    evaluator=self.evaluator)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    build: Callable[[BuildContext], SupervisedTemplate]
+    joint: bool  # trained once on all classes (an i.i.d. upper bound), evaluated at the end
+    uses_bottleneck: bool  # needs the seed's fitted key-value bottleneck
+
+
+class StrategyRegistry(Mapping[str, StrategySpec]):
+    """Strategies by name, in registration order."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._specs: dict[str, StrategySpec] = {}
+
+    def register(self, name: str, *, joint: bool = False, uses_bottleneck: bool = False
+                 ) -> Callable[[Callable[[BuildContext], SupervisedTemplate]],
+                               Callable[[BuildContext], SupervisedTemplate]]:
+        def add(build: Callable[[BuildContext], SupervisedTemplate]):
+            if name in self._specs:
+                raise ValueError(f"strategy {name!r} is registered already in {self.family}")
+            self._specs[name] = StrategySpec(name, build, joint, uses_bottleneck)
+            return build
+
+        return add
+
+    def __getitem__(self, name: str) -> StrategySpec:
+        if name not in self._specs:
+            raise KeyError(f"unknown {self.family} strategy {name!r}; choose from "
+                           f"{', '.join(self._specs)}")
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+# ---------------------------------------------------------------------------- split CIFAR
+STRATEGIES = StrategyRegistry("split CIFAR")
+
+
+def _kvb(ctx: BuildContext) -> SupervisedTemplate:
+    model = KVBModel(None, ctx.bottleneck, VotingDecoder(ctx.num_classes))
+    cfg = ctx.config
+    return KVBStrategy(model=model, lr=cfg.kvb_lr, train_epochs=cfg.kvb_epochs, cache_codes=False,
+                       plugins=[ctx.codes] if ctx.codes is not None else [], **ctx.common())
+
+
+STRATEGIES.register("kvb", uses_bottleneck=True)(_kvb)
+
+
+def _mlp(dim: int, hidden: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def _head(ctx: BuildContext, linear: bool) -> dict:
+    """A linear or MLP head with its Adam optimiser, cross-entropy and the baseline epochs."""
+    cfg = ctx.config
+    model = (nn.Linear(ctx.dim, ctx.num_classes) if linear
+             else _mlp(ctx.dim, cfg.hidden, ctx.num_classes))
+    return dict(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                criterion=nn.CrossEntropyLoss(), train_epochs=cfg.epochs, **ctx.common())
+
+
+@STRATEGIES.register("linear_probe")
+def _linear_probe(ctx: BuildContext) -> SupervisedTemplate:
+    return Naive(**_head(ctx, linear=True))
+
+
+@STRATEGIES.register("naive")
+def _naive(ctx: BuildContext) -> SupervisedTemplate:
+    return Naive(**_head(ctx, linear=False))
+
+
+@STRATEGIES.register("ewc")
+def _ewc(ctx: BuildContext) -> SupervisedTemplate:
+    return EWC(ewc_lambda=ctx.config.ewc_lambda, **_head(ctx, linear=False))
+
+
+@STRATEGIES.register("replay")
+def _replay(ctx: BuildContext) -> SupervisedTemplate:
+    return Replay(mem_size=ctx.config.buffer_size, **_head(ctx, linear=False))
+
+
+@STRATEGIES.register("lwf")
+def _lwf(ctx: BuildContext) -> SupervisedTemplate:
+    cfg = ctx.config
+    return LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **_head(ctx, linear=False))
+
+
+@STRATEGIES.register("slda")
+def _slda(ctx: BuildContext) -> SupervisedTemplate:
+    return StreamingLDA(slda_model=nn.Identity(), criterion=nn.CrossEntropyLoss(),
+                        input_size=ctx.dim, num_classes=ctx.num_classes, shrinkage_param=1e-4,
+                        train_epochs=1, **ctx.common())
+
+
+@STRATEGIES.register("joint_linear", joint=True)
+def _joint_linear(ctx: BuildContext) -> SupervisedTemplate:
+    return Naive(**_head(ctx, linear=True))
+
+
+STRATEGIES.register("kvb_joint", joint=True, uses_bottleneck=True)(_kvb)
+
+
+# ---------------------------------------------------------------------------- the 2-D toy
+TOY = StrategyRegistry("2-D toy")
+
+
+def _toy_common(ctx: BuildContext) -> dict:
+    return dict(train_mb_size=100, train_epochs=ctx.config.steps, eval_mb_size=1000,
+                evaluator=ctx.evaluator, criterion=nn.CrossEntropyLoss())
+
+
+def _toy_kvb(codebooks: int, pairs: int, projection: str, masked: bool = False):
+    def build(ctx: BuildContext) -> SupervisedTemplate:
+        from kvb_avalanche.benchmarks.toy import key_init_points
+
+        torch.manual_seed(ctx.seed)
+        bn = KeyValueBottleneck(2, codebooks, pairs, 2, ctx.num_classes, projection=projection,
+                                values_init="randn", values_init_std=1e-3, seed=ctx.seed,
+                                mask_unused_keys=masked)
+        model = KVBModel(None, bn, VotingDecoder(ctx.num_classes))
+        adam = torch.optim.Adam([model.bottleneck.values], lr=ctx.config.lr)
+        fit = KeyFitConfig(epochs=1, kmeans_start=False, seed=ctx.seed)
+        return KVBStrategy(model=model, optimizer=adam, key_fit=fit, clip_grad_norm=None,
+                           key_init_loader=key_init_points(ctx.seed, ctx.config.key_steps),
+                           **_toy_common(ctx))
+
+    return build
+
+
+TOY.register("kvb_20x20")(_toy_kvb(20, 20, "random"))
+TOY.register("kvb_1x400")(_toy_kvb(1, 400, "chunk"))
+TOY.register("kvb_1x400_masked")(_toy_kvb(1, 400, "chunk", masked=True))
+
+
+def _toy_head(ctx: BuildContext, linear: bool) -> dict:
+    torch.manual_seed(ctx.seed)
+    model = (nn.Linear(2, ctx.num_classes) if linear else
+             nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, ctx.num_classes)))
+    adam = torch.optim.Adam(model.parameters(), lr=ctx.config.lr)
+    return dict(model=model, optimizer=adam, **_toy_common(ctx))
+
+
+@TOY.register("linear_probe")
+def _toy_linear(ctx: BuildContext) -> SupervisedTemplate:
+    return Naive(**_toy_head(ctx, linear=True))
+
+
+@TOY.register("naive_mlp")
+def _toy_naive(ctx: BuildContext) -> SupervisedTemplate:
+    return Naive(**_toy_head(ctx, linear=False))
+
+
+@TOY.register("ewc_mlp")
+def _toy_ewc(ctx: BuildContext) -> SupervisedTemplate:
+    return EWC(ewc_lambda=ctx.config.ewc_lambda, **_toy_head(ctx, linear=False))
+
+
+@TOY.register("replay_mlp")
+def _toy_replay(ctx: BuildContext) -> SupervisedTemplate:
+    return Replay(mem_size=ctx.config.replay_size, **_toy_head(ctx, linear=False))

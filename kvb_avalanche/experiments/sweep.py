@@ -1,0 +1,420 @@
+"""Sweeps: a grid of configurations x seeds x strategies, every run independent, run in this
+process (``engine="local"``) or as Ray tasks (``engine="ray"``, the ``ray`` extra).
+
+A spec has the shape of the paper's official sweep files (wandb's)::
+
+    experiment: split_cifar10        # or split_cifar100
+    preset: quick                    # optional: start from the --quick configuration
+    parameters:
+      codebooks: {values: [64, 256]} # swept
+      kvb_lr: {value: 3.0}           # fixed
+      seed: {values: [0, 1, 2]}      # seeds (or 'seeds')
+      strategy: {values: [kvb, kvb_joint, joint_linear]}  # strategies (or 'strategies')
+
+Each grid point is a configuration with its own folder ``DIR/points/<name>/`` (runs,
+checkpoints, logs, as an experiment's ``OUT``); every run lands there the moment it
+finishes, and re-running the same command resumes. ``DIR/summary.csv`` and
+``DIR/accuracy_matrix.csv`` cover the whole grid with one column per swept field, and
+``DIR/sweep.png`` shows final accuracy against each swept field with the seed spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kvb_avalanche.experiments.config import QUICK, ConfigError, ExperimentConfig
+from kvb_avalanche.experiments.records import SUMMARY_COLUMNS, RunRecord, RunStore, write_json
+from kvb_avalanche.experiments.reports import (
+    matrix_table,
+    pyplot,
+    savefig,
+    summary_table,
+    write_csv,
+)
+from kvb_avalanche.experiments.runner import (
+    RunOptions,
+    Workbench,
+    data_identity,
+    fit_bottleneck,
+    key_identity,
+    run_split,
+    versions,
+)
+from kvb_avalanche.experiments.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("split_cifar10", "split_cifar100")
+PRESETS = {"quick": QUICK}
+SEED_KEYS, STRATEGY_KEYS = ("seed", "seeds"), ("strategy", "strategies")
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep: fixed field values, the swept fields' values, seeds, strategies."""
+
+    experiment: str
+    preset: str | None
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]  # swept field -> values, in the spec's order
+    seeds: tuple[int, ...]
+    strategies: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def points(self) -> list[tuple[dict[str, Any], ExperimentConfig]]:
+        """Every grid point's swept values and configuration, in grid order."""
+        out = [{}]
+        for name, values in self.grid.items():
+            out = [{**p, name: v} for p in out for v in values]
+        base = {**PRESETS.get(self.preset or "", {}), **self.fixed,
+                "benchmark": self.experiment, "seeds": list(self.seeds),
+                "strategies": list(self.strategies)}
+        configs = []
+        for point in out:
+            try:
+                configs.append((point, ExperimentConfig.from_dict({**base, **point})))
+            except ConfigError as e:
+                raise ConfigError(e.field, f"parameters.{e.template}", e._names) from e
+        return configs
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A folder name for a grid point: field=value pairs, or 'base' for a grid of one."""
+    if not point:
+        return "base"
+    name = ",".join(f"{k}={v}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", name)
+
+
+def parse_spec(raw: Any, where: str = "spec") -> SweepSpec:
+    """A SweepSpec from a parsed YAML/JSON mapping; ConfigError names the bad entry."""
+    if not isinstance(raw, dict):
+        raise ConfigError("spec", f"{where} must be a mapping with 'parameters', got "
+                          f"{type(raw).__name__}")
+    allowed = {"experiment", "preset", "method", "parameters", "program", "name", "description"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(str(key), f"{where}: unknown entry {key!r}; the entries are "
+                              f"{', '.join(sorted(allowed))}")
+    experiment = raw.get("experiment", "split_cifar10")
+    if experiment not in EXPERIMENTS:
+        raise ConfigError("experiment", f"{where}: experiment must be one of "
+                          f"{', '.join(EXPERIMENTS)}, got {experiment!r}")
+    if raw.get("method", "grid") != "grid":
+        raise ConfigError("method", f"{where}: only method 'grid' is supported, got "
+                          f"{raw['method']!r}")
+    preset = raw.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError("preset", f"{where}: preset must be one of {', '.join(PRESETS)}, "
+                          f"got {preset!r}")
+    parameters = raw.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise ConfigError("parameters", f"{where}: 'parameters' must be a non-empty mapping of "
+                          "field: {value: v} or {values: [v, ...]}")
+    fields = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    fixed, grid = {}, {}
+    seeds: tuple[int, ...] = ExperimentConfig.__dataclass_fields__["seeds"].default
+    strategies = tuple(STRATEGIES)
+    for name, entry in parameters.items():
+        if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in (
+                "value", "values"):
+            raise ConfigError(str(name), f"parameters.{name} must be {{value: v}} or "
+                              f"{{values: [v, ...]}}, got {entry!r}")
+        kind, value = next(iter(entry.items()))
+        values = value if kind == "values" else [value]
+        if kind == "values" and (not isinstance(value, list) or not value):
+            raise ConfigError(str(name), f"parameters.{name}.values must be a non-empty list, "
+                              f"got {value!r}")
+        if name in SEED_KEYS + STRATEGY_KEYS:
+            flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+            if name in SEED_KEYS:
+                if not all(isinstance(s, int) and not isinstance(s, bool) for s in flat):
+                    raise ConfigError(str(name), f"parameters.{name}: seeds must be integers, "
+                                      f"got {flat!r}")
+                seeds = tuple(flat)
+            else:
+                strategies = tuple(str(s) for s in flat)
+            continue
+        if name not in fields or name == "benchmark":
+            close = [f for f in fields if f.split("_")[0] == str(name).split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(str(name), f"parameters.{name}: unknown field{hint}; the fields "
+                              f"of ExperimentConfig are {', '.join(f for f in fields)}")
+        if kind == "values" and len(values) > 1:
+            grid[name] = values
+        else:
+            fixed[name] = values[0]
+    spec = SweepSpec(experiment, preset, fixed, grid, seeds, strategies)
+    spec.points()  # every point must be a valid configuration
+    return spec
+
+
+def load_spec(path: Path) -> SweepSpec:
+    """Read a YAML (or JSON) sweep file."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError("spec", f"sweep file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("spec", f"sweep file {path} is not valid YAML: {e}") from e
+    return parse_spec(raw, where=f"sweep file {path}")
+
+
+# ---------------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class RunTask:
+    point: dict[str, Any]
+    config: ExperimentConfig
+    strategy: str
+    seed: int
+    folder: Path  # the point's folder
+
+
+class SweepFailed(RuntimeError):
+    """Some runs failed (after their retries); the others are stored."""
+
+
+def check_engine(engine: str) -> None:
+    """ConfigError unless the engine exists and can be imported."""
+    if engine not in ENGINES:
+        raise ConfigError("engine", f"{{engine}} must be one of {', '.join(ENGINES)}, "
+                          f"got {engine!r}")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("engine", "{engine} ray needs Ray: pip install "
+                              "'kvb-avalanche[ray]'") from e
+
+
+def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
+              engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
+              gpus_per_run: float = 0, retries: int = 1) -> pd.DataFrame:
+    """Run (or resume) every run of the sweep into ``out``; returns the summary table.
+
+    Raises ConfigError before anything is written when the spec, the engine or ``out`` is
+    bad; SweepFailed at the end if runs failed after ``retries`` (the rest are stored).
+    """
+    options = options or RunOptions()
+    check_engine(engine)
+    sweep_store = RunStore(out, {"sweep": spec.to_dict()}, options.overwrite)
+    sweep_store.check()
+    points = spec.points()
+    stores = {point_name(p): RunStore(out / "points" / point_name(p), c.to_dict(),
+                                      options.overwrite) for p, c in points}
+    for store in stores.values():
+        store.check()
+    sweep_store.open({"kind": "sweep", "versions": versions(),
+                      "options": {k: str(v) for k, v in vars(options).items()}})
+    for (point, config), store in zip(points, stores.values(), strict=True):
+        store.open({"kind": config.kind, "point": point})
+    tasks, records = [], {}
+    for point, config in points:
+        store = stores[point_name(point)]
+        for seed in spec.seeds:
+            for strategy in spec.strategies:
+                if (done := store.load(strategy, seed)) is not None:
+                    records[point_name(point), strategy, seed] = done
+                else:
+                    tasks.append(RunTask(point, config, strategy, seed, store.out))
+    log.info("sweep %s: %d runs, %d done, %d to run on %s", out, len(records) + len(tasks),
+             len(records), len(tasks), engine)
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(tasks), desc="sweep runs", disable=not options.progress)
+
+    def done(task: RunTask, record: RunRecord | None, error: str | None = None) -> None:
+        key = (point_name(task.point), task.strategy, task.seed)
+        if record is not None:
+            stores[key[0]].save(record)
+            records[key] = record
+        else:
+            failures["/".join(map(str, key))] = error or "failed"
+            log.error("run %s failed: %s", "/".join(map(str, key)), error)
+        bar.update()
+
+    tasks.sort(key=lambda t: (key_identity(t.config, t.seed), t.seed))  # shared keys adjacent
+    if engine == "local":
+        _run_local(tasks, options, done)
+    else:
+        _run_ray(tasks, options, done, address, cpus_per_run, gpus_per_run, retries)
+    bar.close()
+    summary = write_sweep_reports(out, spec, records)
+    if failures:
+        write_json(failures, out / "failures.json")
+        raise SweepFailed(f"{len(failures)} of {len(tasks)} runs failed (see "
+                          f"{out / 'failures.json'}): {', '.join(failures)}; the rest are "
+                          "stored: re-run the same command to retry the failed ones")
+    (out / "failures.json").unlink(missing_ok=True)
+    return summary
+
+
+def _run_local(tasks: list[RunTask], options: RunOptions,
+               done: Callable[[RunTask, RunRecord | None, str | None], None]) -> None:
+    bench = Workbench(options)
+    for task in tasks:
+        store = RunStore(task.folder, task.config.to_dict())
+        done(task, bench.run(task.config, task.strategy, task.seed, store), None)
+
+
+def _remote_fit(config: ExperimentConfig, data: Any, seed: int) -> Any:
+    return fit_bottleneck(config, data, seed, progress=False)
+
+
+def _remote_run(task: RunTask, data: Any, bottleneck: Any, threads: int) -> RunRecord:
+    import torch
+
+    from kvb_avalanche.plugin import FrozenCodesPlugin
+
+    torch.set_num_threads(threads)
+    store = RunStore(task.folder, task.config.to_dict())
+    codes = FrozenCodesPlugin(progress=False) if bottleneck is not None else None
+    return run_split(task.config, data, task.strategy, task.seed, bottleneck, codes, store,
+                     progress=False)
+
+
+def _run_ray(tasks: list[RunTask], options: RunOptions,
+             done: Callable[[RunTask, RunRecord | None, str | None], None],
+             address: str | None, cpus: float, gpus: float, retries: int) -> None:
+    """Embeddings are computed here, once, and shared through Ray's object store; each
+    (keys, seed) is fitted by one task; each run is a task that depends on them. Records
+    come back to this process, which stores each the moment it arrives."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        bench = Workbench(options)
+        data_refs: dict[tuple, Any] = {}
+        key_refs: dict[tuple, Any] = {}
+        fit = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries)(_remote_fit)
+        run = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                         retry_exceptions=retries > 0)(_remote_run)
+        pending: dict[Any, RunTask] = {}
+        for task in tasks:
+            dkey = data_identity(task.config)
+            if dkey not in data_refs:
+                data_refs[dkey] = ray.put(bench.data(task.config))
+            keys_ref = None
+            if STRATEGIES[task.strategy].uses_bottleneck:
+                kkey = key_identity(task.config, task.seed)
+                if kkey not in key_refs:
+                    key_refs[kkey] = fit.remote(task.config, data_refs[dkey], task.seed)
+                keys_ref = key_refs[kkey]
+            ref = run.remote(task, data_refs[dkey], keys_ref, max(1, int(cpus)))
+            pending[ref] = task
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            task = pending.pop(ready[0])
+            try:
+                done(task, ray.get(ready[0]), None)
+            except (ray.exceptions.RayError, RuntimeError) as e:
+                done(task, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------- reports
+def sweep_tables(spec: SweepSpec, records: dict[tuple, RunRecord]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, accuracy matrix) of the whole grid, one column per swept field first."""
+    summaries, matrices = [], []
+    for point, _ in spec.points():
+        recs = [r for (name, _, _), r in records.items() if name == point_name(point)]
+        if not recs:
+            continue
+        matrix = matrix_table(recs, spec.strategies)
+        summary = summary_table(recs, matrix)
+        joint = summary.strategy.map(lambda s: STRATEGIES[s].joint)
+        summary.loc[joint.astype(bool), "average_forgetting"] = float("nan")
+        for table, dest in ((summary, summaries), (matrix, matrices)):
+            for i, (name, value) in enumerate(point.items()):
+                table.insert(i, name, [value] * len(table))
+            dest.append(table)
+    columns = list(spec.grid)
+    summary = (pd.concat(summaries, ignore_index=True) if summaries
+               else pd.DataFrame(columns=columns + SUMMARY_COLUMNS))
+    matrix = pd.concat(matrices, ignore_index=True) if matrices else pd.DataFrame()
+    return summary, matrix
+
+
+def write_sweep_reports(out: Path, spec: SweepSpec, records: dict[tuple, RunRecord]
+                        ) -> pd.DataFrame:
+    summary, matrix = sweep_tables(spec, records)
+    write_csv(summary, out / "summary.csv")
+    write_csv(matrix, out / "accuracy_matrix.csv")
+    if len(summary) and spec.grid:
+        plot_sweep(summary, list(spec.grid), out / "sweep.png")
+    return summary
+
+
+def plot_sweep(summary: pd.DataFrame, fields: list[str], path: Path) -> None:
+    """Final accuracy against each swept field: one line per strategy (and setting of the
+    other swept fields), the seed mean with the seeds' min-max as a band."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(fields), figsize=(4.2 * len(fields), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], fields, strict=True):
+        others = [f for f in fields if f != name]
+        values = list(dict.fromkeys(summary[name]))
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        position = {v: (v if numeric else i) for i, v in enumerate(values)}
+        for key, g in summary.groupby(["strategy", *others], sort=False):
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join([str(key[0])] + [f"{o}={v}" for o, v in zip(others, key[1:],
+                                                                       strict=True)])
+            stats = g.groupby(name, sort=False).final_accuracy.agg(["mean", "min", "max"])
+            stats = stats.reindex([v for v in values if v in stats.index])
+            x = [position[v] for v in stats.index]
+            ax.plot(x, stats["mean"], marker="o", ms=4, label=label)
+            ax.fill_between(x, stats["min"], stats["max"], alpha=0.15)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 8:
+            ax.set_xscale("log", base=2)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(name)
+        ax.set_ylabel("final accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def sweep_records(out: Path, spec: SweepSpec) -> dict[tuple, RunRecord]:
+    """The finished runs of a sweep folder."""
+    records = {}
+    for point, config in spec.points():
+        store = RunStore(out / "points" / point_name(point), config.to_dict())
+        for record in store.records():
+            records[point_name(point), record.strategy, record.seed] = record
+    return records
+
+
+def read_sweep(out: Path) -> SweepSpec:
+    """The spec a sweep folder was run with."""
+    config = json.loads((out / "config.json").read_text())["config"]["sweep"]
+    return SweepSpec(config["experiment"], config["preset"], config["fixed"], config["grid"],
+                     tuple(config["seeds"]), tuple(config["strategies"]))
+
+
+def report(out: Path) -> None:
+    """Redraw a sweep folder's tables and figure."""
+    spec = read_sweep(out)
+    write_sweep_reports(out, spec, sweep_records(out, spec))
+
