@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> Any:
                         datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except ConfigError as e:
-        message = str(e) if args.command == "sweep" and e.field not in ("out", "engine") \
-            else e.render(flag)
+    except ConfigError as e:  # fields the command has flags for are named by their flags
+        flags = {a.dest for a in command._actions if a.option_strings}  # noqa: SLF001
+        message = e.render(lambda name: flag(name) if name in flags else name)
         command.exit(2, f"{command.prog}: error: {message}\n")
     except DataError as e:
         command.exit(2, f"{command.prog}: error: {e}\n")
@@ -271,3 +271,7 @@ def entry_point() -> None:
     """``kvb-avalanche`` (the console script)."""
     main()
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -273,7 +273,7 @@ def _from_archives(folder: Path, name: str, split: str, max_per_class: int | Non
             if data_identity(got.images, got.labels) == identity:
                 return got
             log.warning("decoded-image cache %s fails its checksum: reading the archives", path)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 (whatever is wrong with the file, rebuild it)
             log.warning("decoded-image cache %s is unusable (%s): reading the archives", path, e)
     got = _read_archives(folder, archives, name, split, max_per_class, progress, notes)
     if got is not None:

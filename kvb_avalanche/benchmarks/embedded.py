@@ -165,6 +165,7 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     fixed_class_order: Sequence[int] | None = None,
     max_per_class: int | None = None,
     key_init_data: str | None = "cifar100",
+    key_init_max_per_class: int | None = None,
     dataset_root: Path | None = None,
     download: bool = False,
     cache_dir: Path | None = None,
@@ -186,13 +187,15 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     of ``key_init_data`` (CIFAR-100 by default, as the paper; None with ``"none"``) to fit
     a :class:`~kvb_avalanche.KeyValueBottleneck`'s keys on (``KVBStrategy(key_init_loader=
     ...)``), and ``embeddings``, the :class:`EmbeddedSplits` (tensors and provenance).
-    ``max_per_class`` keeps the first images of each class (train; half as many test).
+    ``max_per_class`` keeps the first images of each class (train; half as many test),
+    ``key_init_max_per_class`` likewise for the key-initialisation data.
     """
     return _split_cifar_embedded(
         "cifar10", n_experiences, seed, fixed_class_order, encoder=encoder, weights=weights,
         resolution=resolution, max_per_class=max_per_class,
         test_max_per_class=max_per_class and max(1, max_per_class // 2),
-        key_init_data=key_init_data, dataset_root=dataset_root, download=download,
+        key_init_data=key_init_data, key_init_max_per_class=key_init_max_per_class,
+        dataset_root=dataset_root, download=download,
         cache_dir=cache_dir, device=device, progress=progress)
 
 
@@ -206,6 +209,7 @@ def SplitCIFAR100Embedded(  # noqa: N802 (named like Avalanche's generators)
     fixed_class_order: Sequence[int] | None = None,
     max_per_class: int | None = None,
     key_init_data: str | None = "cifar10",
+    key_init_max_per_class: int | None = None,
     dataset_root: Path | None = None,
     download: bool = False,
     cache_dir: Path | None = None,
@@ -219,5 +223,6 @@ def SplitCIFAR100Embedded(  # noqa: N802 (named like Avalanche's generators)
         "cifar100", n_experiences, seed, fixed_class_order, encoder=encoder, weights=weights,
         resolution=resolution, max_per_class=max_per_class,
         test_max_per_class=max_per_class and max(1, max_per_class // 2),
-        key_init_data=key_init_data, dataset_root=dataset_root, download=download,
+        key_init_data=key_init_data, key_init_max_per_class=key_init_max_per_class,
+        dataset_root=dataset_root, download=download,
         cache_dir=cache_dir, device=device, progress=progress)

@@ -8,6 +8,7 @@ the command line renders the same message with its flags.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -81,7 +82,7 @@ class BaseConfig:
         names = cls._field_names()
         for key in values:
             if key not in names:
-                close = [n for n in names if n.startswith(str(key)[:3])]
+                close = difflib.get_close_matches(str(key), names, n=3)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(str(key), f"{{{key}}} is not a field of {cls.__name__}{hint}; "
                                   f"fields: {', '.join(names)}")

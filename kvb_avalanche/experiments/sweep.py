@@ -21,6 +21,7 @@ finishes, and re-running the same command resumes. ``DIR/summary.csv`` and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import re
@@ -72,7 +73,8 @@ class SweepSpec:
     strategies: tuple[str, ...]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (lists, not tuples), as config.json holds it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def points(self) -> list[tuple[dict[str, Any], ExperimentConfig]]:
         """Every grid point's swept values and configuration, in grid order."""
@@ -87,7 +89,8 @@ class SweepSpec:
             try:
                 configs.append((point, ExperimentConfig.from_dict({**base, **point})))
             except ConfigError as e:
-                raise ConfigError(e.field, f"parameters.{e.template}", e._names) from e
+                raise ConfigError(e.field, f"parameters at {point_name(point)}: {e.template}",
+                                  e._names) from e
         return configs
 
 
@@ -149,7 +152,7 @@ def parse_spec(raw: Any, where: str = "spec") -> SweepSpec:
                 strategies = tuple(str(s) for s in flat)
             continue
         if name not in fields or name == "benchmark":
-            close = [f for f in fields if f.split("_")[0] == str(name).split("_")[0]]
+            close = difflib.get_close_matches(str(name), fields, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(str(name), f"parameters.{name}: unknown field{hint}; the fields "
                               f"of ExperimentConfig are {', '.join(f for f in fields)}")
@@ -212,13 +215,16 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
     """
     options = options or RunOptions()
     check_engine(engine)
-    sweep_store = RunStore(out, {"sweep": spec.to_dict()}, options.overwrite)
+    sweep_store = RunStore(out, spec.to_dict(), options.overwrite)
     sweep_store.check()
     points = spec.points()
     stores = {point_name(p): RunStore(out / "points" / point_name(p), c.to_dict(),
                                       options.overwrite) for p, c in points}
     for store in stores.values():
         store.check()
+    bench = Workbench(options)
+    for _, config in points:  # every data set embedded (or found cached) before a file is written
+        bench.data(config)
     sweep_store.open({"kind": "sweep", "versions": versions(),
                       "options": {k: str(v) for k, v in vars(options).items()}})
     for (point, config), store in zip(points, stores.values(), strict=True):
@@ -249,9 +255,9 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
 
     tasks.sort(key=lambda t: (key_identity(t.config, t.seed), t.seed))  # shared keys adjacent
     if engine == "local":
-        _run_local(tasks, options, done)
+        _run_local(tasks, bench, done)
     else:
-        _run_ray(tasks, options, done, address, cpus_per_run, gpus_per_run, retries)
+        _run_ray(tasks, bench, done, address, cpus_per_run, gpus_per_run, retries)
     bar.close()
     summary = write_sweep_reports(out, spec, records)
     if failures:
@@ -263,9 +269,8 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
     return summary
 
 
-def _run_local(tasks: list[RunTask], options: RunOptions,
+def _run_local(tasks: list[RunTask], bench: Workbench,
                done: Callable[[RunTask, RunRecord | None, str | None], None]) -> None:
-    bench = Workbench(options)
     for task in tasks:
         store = RunStore(task.folder, task.config.to_dict())
         done(task, bench.run(task.config, task.strategy, task.seed, store), None)
@@ -287,7 +292,7 @@ def _remote_run(task: RunTask, data: Any, bottleneck: Any, threads: int) -> RunR
                      progress=False)
 
 
-def _run_ray(tasks: list[RunTask], options: RunOptions,
+def _run_ray(tasks: list[RunTask], bench: Workbench,
              done: Callable[[RunTask, RunRecord | None, str | None], None],
              address: str | None, cpus: float, gpus: float, retries: int) -> None:
     """Embeddings are computed here, once, and shared through Ray's object store; each
@@ -299,7 +304,6 @@ def _run_ray(tasks: list[RunTask], options: RunOptions,
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        bench = Workbench(options)
         data_refs: dict[tuple, Any] = {}
         key_refs: dict[tuple, Any] = {}
         fit = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries)(_remote_fit)
@@ -322,9 +326,12 @@ def _run_ray(tasks: list[RunTask], options: RunOptions,
             ready, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(ready[0])
             try:
-                done(task, ray.get(ready[0]), None)
-            except (ray.exceptions.RayError, RuntimeError) as e:
-                done(task, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                record = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the run's exception, or its worker died
+                cause = getattr(e, "cause", None) or e
+                done(task, None, f"{type(cause).__name__}: {cause}"[:2000])
+            else:
+                done(task, record, None)
     finally:
         if started:
             ray.shutdown()
@@ -385,8 +392,8 @@ def plot_sweep(summary: pd.DataFrame, fields: list[str], path: Path) -> None:
             ax.fill_between(x, stats["min"], stats["max"], alpha=0.15)
         if numeric and min(values) > 0 and max(values) / min(values) >= 8:
             ax.set_xscale("log", base=2)
-        if not numeric:
-            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xticks([position[v] for v in values], [str(v) for v in values])
+        ax.minorticks_off()
         ax.set_xlabel(name)
         ax.set_ylabel("final accuracy")
         ax.set_ylim(0, 1)
@@ -408,7 +415,7 @@ def sweep_records(out: Path, spec: SweepSpec) -> dict[tuple, RunRecord]:
 
 def read_sweep(out: Path) -> SweepSpec:
     """The spec a sweep folder was run with."""
-    config = json.loads((out / "config.json").read_text())["config"]["sweep"]
+    config = json.loads((out / "config.json").read_text())["config"]
     return SweepSpec(config["experiment"], config["preset"], config["fixed"], config["grid"],
                      tuple(config["seeds"]), tuple(config["strategies"]))
 

@@ -1,0 +1,203 @@
+"""The experiment layer's parts: typed configurations, the strategy registry, the embedded
+benchmark generators, the decoded-image cache, reports from stored runs, the wheel."""
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kvb_avalanche.benchmarks import cifar
+from kvb_avalanche.cli import main as cli
+from kvb_avalanche.experiments import (
+    QUICK,
+    STRATEGIES,
+    TOY,
+    ConfigError,
+    ExperimentConfig,
+    ToyConfig,
+)
+from kvb_avalanche.experiments.config import flag
+from kvb_avalanche.experiments.strategies import StrategySpec
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
+                                 reason="needs CIFAR under ../shared/data")
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_config_round_trips_through_json():
+    config = ExperimentConfig(**{**QUICK, "kvb_lr": 3}, seeds=[3, 4], strategies=["kvb", "slda"],
+                              weights=None, shuffle_classes=True)
+    again = ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert again.seeds == (3, 4) and again.kvb_lr == 3.0 and isinstance(again.kvb_lr, float)
+    assert config.to_dict()["seeds"] == [3, 4]  # plain JSON types
+    toy = ToyConfig(steps=5)
+    assert ToyConfig.from_dict(json.loads(json.dumps(toy.to_dict()))) == toy
+
+
+def test_defaults_are_the_papers_bottleneck_and_every_registered_strategy():
+    config = ExperimentConfig()
+    assert (config.codebooks, config.num_pairs, config.dim_keys, config.kvb_lr) == (
+        256, 4096, 14, 0.3)
+    assert config.strategies == tuple(STRATEGIES) and config.values_dim == 10
+    assert ExperimentConfig(benchmark="split_cifar100", n_experiences=50).values_dim == 100
+
+
+@pytest.mark.parametrize("values, field, message", [
+    ({"kvb_epochs": 0}, "kvb_epochs", "kvb_epochs must be a positive integer, got 0"),
+    ({"codebooks": "many"}, "codebooks", "codebooks must be an integer, got 'many'"),
+    ({"kvb_lr": True}, "kvb_lr", "kvb_lr must be a number, got True"),
+    ({"seeds": []}, "seeds", "seeds must be a non-empty list, got []"),
+    ({"seeds": "0"}, "seeds", "seeds must be a list of int, got '0'"),
+    ({"key_init_data": "imagenet"}, "key_init_data",
+     "key_init_data must be one of 'cifar100', 'cifar10', 'none', got 'imagenet'"),
+    ({"strategies": ["kvb", "icarl"]}, "strategies", "unknown strategy 'icarl' in strategies"),
+    ({"strategies": ["kvb", "kvb"]}, "strategies", "strategies lists a strategy twice"),
+    ({"n_experiences": 3}, "n_experiences", "n_experiences must divide the 10 classes, got 3"),
+    ({"topk": 5000}, "topk", "topk (5000) must be <= num_pairs (4096)"),
+    ({"dim_values": 12}, "dim_values", "dim_values must equal the number of classes (10)"),
+    ({"encoder": "vit"}, "encoder", "encoder 'vit' is not a known encoder"),
+    ({"weights": "/no/such/file.pt"}, "weights", "weights /no/such/file.pt: no such file"),
+    ({"num_pairz": 4}, "num_pairz", "num_pairz is not a field of ExperimentConfig (did you "
+                                    "mean num_pairs?)"),
+])
+def test_bad_values_are_refused_naming_the_field(values, field, message):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(values)
+    assert err.value.field == field
+    assert message in str(err.value)
+
+
+def test_errors_render_with_the_command_lines_flags():
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig(topk=5000)
+    assert err.value.render(flag).startswith("--topk (5000) must be <= --num-pairs (4096)")
+
+
+def test_quick_flag_keeps_the_flags_given_from_a_shell(tmp_path):
+    """`--quick --kvb-epochs 5` from a shell (argv None) runs 5 epochs, not --quick's 30."""
+    script = ("import sys; from kvb_avalanche.cli import build_parser, config_from; "
+              "from kvb_avalanche.experiments.config import QUICK, ExperimentConfig; "
+              "args = build_parser().parse_args(); "
+              "print(config_from(args, ExperimentConfig, QUICK).kvb_epochs)")
+    out = subprocess.run([sys.executable, "-c", script, "split-cifar10", "--out", str(tmp_path),
+                          "--quick", "--kvb-epochs", "5"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "5"
+
+
+# ---------------------------------------------------------------------------- registry
+def test_registry_says_which_strategies_are_joint_and_use_the_bottleneck():
+    assert {s for s in STRATEGIES if STRATEGIES[s].joint} == {"joint_linear", "kvb_joint"}
+    assert {s for s in STRATEGIES if STRATEGIES[s].uses_bottleneck} == {"kvb", "kvb_joint"}
+    assert list(TOY)[:3] == ["kvb_20x20", "kvb_1x400", "kvb_1x400_masked"]
+    with pytest.raises(KeyError, match="unknown split CIFAR strategy 'icarl'; choose from kvb,"):
+        STRATEGIES["icarl"]
+    with pytest.raises(ValueError, match="strategy 'kvb' is registered already"):
+        STRATEGIES.register("kvb")(lambda ctx: None)
+
+
+def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):
+    spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
+    monkeypatch.setitem(STRATEGIES._specs, "mine", spec)
+    assert ExperimentConfig(strategies=["kvb", "mine"]).strategies == ("kvb", "mine")
+
+
+# ---------------------------------------------------------------------------- data
+def test_decoded_archive_images_are_cached_and_served_the_next_time(tmp_path, monkeypatch):
+    from test_cifar import make_images, write_archives, write_tree
+
+    images, labels = make_images()
+    tree = tmp_path / "tree"
+    write_archives(tmp_path / "root", tree, [write_tree(tree, images, labels)])
+    first = cifar.load_cifar("cifar10", "train", root=tmp_path / "root", progress=False,
+                             cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("cifar10-train-decoded-*.npz")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the archives again")
+
+    monkeypatch.setattr(cifar, "_read_archives", no_reading)
+    again = cifar.load_cifar("cifar10", "train", root=tmp_path / "root", progress=False,
+                             cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.images, first.images)
+    assert again.identity == first.identity and again.source == first.source
+    entry.write_bytes(entry.read_bytes()[:200])  # a truncated entry is not served
+    monkeypatch.undo()
+    rebuilt = cifar.load_cifar("cifar10", "train", root=tmp_path / "root", progress=False,
+                               cache_dir=tmp_path / "cache")
+    assert rebuilt.identity == first.identity
+
+
+@needs_cifar
+def test_split_cifar10_embedded_is_an_avalanche_benchmark_with_key_init_data(tmp_path):
+    from kvb_avalanche.benchmarks import SplitCIFAR10Embedded
+
+    bench = SplitCIFAR10Embedded(5, resolution=32, max_per_class=10, seed=3,
+                                 key_init_data="cifar100", key_init_max_per_class=2,
+                                 cache_dir=tmp_path, progress=False)
+    assert len(bench.train_stream) == len(bench.test_stream) == 5
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == [
+        sorted(order[i : i + 2]) for i in range(0, 10, 2)]
+    x, y = bench.train_stream[0].dataset[0][:2]
+    assert x.shape == (1280,) and x.dtype == torch.float32 and int(y) in order[:2]
+    assert len(bench.train_stream[0].dataset) == 20 and len(bench.test_stream[0].dataset) == 10
+    assert bench.key_init_data.shape == (200, 1280)  # 2 of each of CIFAR-100's classes
+    assert bench.embeddings.record["cifar10_train"]["images"] == 100
+    with pytest.raises(ValueError, match="n_experiences must divide the 10 classes, got 3"):
+        SplitCIFAR10Embedded(3, cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- reports
+def test_report_redraws_the_committed_split_cifar10_tables_from_its_runs(tmp_path):
+    committed = REPO / "results" / "split_cifar10"
+    shutil.copytree(committed / "runs", tmp_path / "runs")
+    shutil.copy(committed / "config.json", tmp_path / "config.json")
+    cli(["report", str(tmp_path)])
+    for table in ("summary.csv", "accuracy_matrix.csv", "key_sharing.csv", "expectations.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / table),
+                                      pd.read_csv(committed / table), check_exact=False,
+                                      rtol=1e-5)
+    assert (tmp_path / "forgetting_curves.png").stat().st_size > 10_000
+
+
+def test_report_of_a_folder_without_runs_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["report", str(tmp_path)])
+    assert exit_.value.code == 2 and "holds no config.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the wheel
+def test_the_wheel_holds_every_module_the_package_imports_and_no_repository_file(tmp_path):
+    """`pip install .` outside the repository gets a working package: every kvb_avalanche
+    module imported is in the wheel, and nothing in it imports the repository's scripts."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("kvb_avalanche-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"kvb_avalanche_tv_compat.py", "kvb_avalanche_tv_compat.pth"} <= names
+    entry_points = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "kvb-avalanche = kvb_avalanche.cli:entry_point" in entry_points
+    for name in (n for n in names if n.endswith(".py")):
+        tree = ast.parse(zipfile.ZipFile(wheel).read(name))
+        for node in ast.walk(tree):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                       else [])
+            for module in modules:
+                assert not module.startswith(("benchmarks", "tests")), (name, module)
+                if module.startswith("kvb_avalanche"):
+                    path = module.replace(".", "/")
+                    assert f"{path}.py" in names or f"{path}/__init__.py" in names, (name, module)

@@ -1,0 +1,181 @@
+"""Sweeps: a --quick-sized 2 x 2 grid x 2 seeds, in-process and on a local Ray cluster."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kvb_avalanche.cli import main as cli
+from kvb_avalanche.experiments import sweep as sweep_module
+from kvb_avalanche.experiments.runner import RunOptions
+from kvb_avalanche.experiments.sweep import SweepFailed, load_spec, parse_spec, run_sweep
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
+                                reason="needs CIFAR under ../shared/data")
+SPEC = {
+    "experiment": "split_cifar10",
+    "preset": "quick",
+    "parameters": {
+        "codebooks": {"values": [16, 32]},
+        "kvb_lr": {"values": [3.0, 10.0]},
+        "kvb_epochs": {"value": 5},
+        "epochs": {"value": 3},
+        "seed": {"values": [0, 1]},
+        "strategy": {"values": ["kvb", "linear_probe"]},
+    },
+}
+RUNS = 2 * 2 * 2 * 2
+
+
+def write_spec(path: Path, spec: dict = SPEC) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep-cache")
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("local")
+    spec = write_spec(out.parent / "local-spec.yaml")
+    cli(["sweep", str(spec), "--out", str(out), "--no-progress", "--cache-dir", str(cache)])
+    return out
+
+
+def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (pd.read_csv(out / "summary.csv").drop(columns="train_seconds"),
+            pd.read_csv(out / "accuracy_matrix.csv"))
+
+
+def test_local_sweep_writes_the_grid_with_a_column_per_swept_field(local_sweep):
+    summary, matrix = tables(local_sweep)
+    assert list(summary.columns) == ["codebooks", "kvb_lr", "strategy", "seed",
+                                     "final_accuracy", "average_forgetting"]
+    assert len(summary) == RUNS and set(summary.codebooks) == {16, 32}
+    assert set(summary.kvb_lr) == {3.0, 10.0} and set(summary.seed) == {0, 1}
+    assert len(matrix) == RUNS * 5 * 5  # every run: 5 x 5 accuracy matrix
+    assert list(matrix.columns[:2]) == ["codebooks", "kvb_lr"]
+    # the swept values reached the runs: more codebooks, other keys, other KVB numbers
+    kvb = summary[summary.strategy == "kvb"].set_index(["codebooks", "kvb_lr", "seed"])
+    assert kvb.final_accuracy.nunique() > 1
+    probe = summary[summary.strategy == "linear_probe"]
+    assert probe.groupby("seed").final_accuracy.nunique().eq(1).all()  # KVB fields only
+    assert (local_sweep / "sweep.png").stat().st_size > 10_000
+    runs = sorted(p.relative_to(local_sweep).as_posix()
+                  for p in local_sweep.glob("points/*/runs/*.json"))
+    assert len(runs) == RUNS and runs[0] == "points/codebooks=16,kvb_lr=10.0/runs/kvb-seed0.json"
+    point = json.loads((local_sweep / "points" / "codebooks=16,kvb_lr=3.0" / "config.json")
+                       .read_text())
+    assert point["config"]["codebooks"] == 16 and point["config"]["num_pairs"] == 256  # quick
+
+
+def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(local_sweep, cache,
+                                                                        tmp_path):
+    out = tmp_path / "killed"
+    spec = write_spec(tmp_path / "spec.yaml")
+    command = ["sweep", str(spec), "--out", str(out), "--no-progress", "--cache-dir", str(cache)]
+    proc = subprocess.Popen([sys.executable, "-m", "kvb_avalanche.cli", *command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out.glob("points/*/runs/*.json"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert 3 <= len(list(out.glob("points/*/runs/*.json"))) < RUNS
+    cli(command)
+    for a, b in zip(tables(local_sweep), tables(out), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_sweep_gives_the_tables_of_the_local_one(local_sweep, cache, tmp_path, ray_cluster):
+    out = tmp_path / "ray"
+    summary = run_sweep(load_spec(write_spec(tmp_path / "spec.yaml")), out,
+                        RunOptions(cache_dir=cache, progress=False), engine="ray")
+    assert len(summary) == RUNS
+    for a, b in zip(tables(local_sweep), tables(out), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def _failing_run(task, data, bottleneck, threads):
+    if task.seed == 1 and task.strategy == "linear_probe":
+        raise RuntimeError("this run breaks")
+    return _REAL_RUN(task, data, bottleneck, threads)
+
+
+_REAL_RUN = sweep_module._remote_run
+
+
+def test_a_failing_ray_run_is_reported_and_the_others_are_kept(cache, tmp_path, ray_cluster,
+                                                              monkeypatch):
+    from ray import cloudpickle  # Ray's own copy pickles its tasks
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
+    monkeypatch.setattr(sweep_module, "_remote_run", _failing_run)
+    spec = {**SPEC, "parameters": {**SPEC["parameters"], "codebooks": {"value": 16},
+                                   "kvb_lr": {"value": 3.0}}}
+    out = tmp_path / "failing"
+    with pytest.raises(SweepFailed, match=r"1 of 4 runs failed .*base/linear_probe/1"):
+        run_sweep(parse_spec(spec), out, RunOptions(cache_dir=cache, progress=False),
+                  engine="ray", retries=1)
+    failures = json.loads((out / "failures.json").read_text())
+    assert list(failures) == ["base/linear_probe/1"]
+    assert "this run breaks" in failures["base/linear_probe/1"]
+    assert len(list(out.glob("points/base/runs/*.json"))) == 3
+    assert len(pd.read_csv(out / "summary.csv")) == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"parameters": {"codebookz": {"values": [1, 2]}}},
+     "parameters.codebookz: unknown field (did you mean codebooks?)"),
+    ({"parameters": {"codebooks": {"values": []}}},
+     "parameters.codebooks.values must be a non-empty list"),
+    ({"parameters": {"codebooks": {"values": [16, "many"]}}},
+     "parameters at codebooks=many: codebooks must be an integer, got 'many'"),
+    ({"parameters": {"codebooks": {"values": [16, 0]}}},
+     "parameters at codebooks=0: codebooks must be a positive integer, got 0"),
+    ({"parameters": {"strategy": {"values": ["kvb", "icarl"]}}},
+     "parameters at base: unknown strategy 'icarl' in strategies"),
+    ({"method": "bayes"}, "only method 'grid' is supported"),
+    ({"paramters": {}}, "unknown entry 'paramters'"),
+])
+def test_a_bad_spec_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys, change,
+                                                                 message):
+    spec = {**SPEC, **change}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        cli(["sweep", str(write_spec(tmp_path / "spec.yaml", spec)), "--out", str(out)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_engine_ray_without_ray_installed_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        cli(["sweep", str(write_spec(tmp_path / "spec.yaml")), "--out", str(out),
+             "--engine", "ray"])
+    assert exit_.value.code == 2
+    assert "--engine ray needs Ray: pip install 'kvb-avalanche[ray]'" in capsys.readouterr().err
+    assert not out.exists()
