@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(20):
             fn()
         rows.append({"part": name, "ms_per_step": (time.perf_counter() - start) / 20 * 1000})
-    table_df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(table_df, args.out / "breakdown.csv")
-    print(table_df.to_string(index=False, float_format="%.3f"))  # noqa: T201
+    write_csv(pd.DataFrame(rows), args.out / "breakdown.csv")
+    print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
                      "images_per_second": len(train.labels) / seconds,
                      "minutes_for_85k_images": 85_000 / (len(train.labels) / seconds) / 60})
     table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out / "tradeoff.csv")
     print(table.to_string(index=False, float_format="%.3f"))  # noqa: T201
 

@@ -35,6 +35,18 @@ def default_cache_dir() -> Path:
     return base / "kvb_avalanche"
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """Where images are read from and embeddings cached, and where they are computed:
+    none of it changes a number."""
+
+    root: Path | None = None  # a data root (see load_cifar); None: the default roots
+    download: bool = False  # fetch with torchvision when no local copy is found
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    device: str | torch.device = "cpu"
+    progress: bool = True
+
+
 @dataclass(frozen=True, eq=False)
 class EmbeddedSplits:
     """The embedded train and test splits of a data set, and the key-initialisation data."""
@@ -52,21 +64,20 @@ class EmbeddedSplits:
 
 
 def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int,
-                max_per_class: int | None = None, dataset_root: Path | None = None,
-                download: bool = False, cache_dir: Path | None = None,
-                device: str | torch.device = "cpu", progress: bool = True
+                max_per_class: int | None = None, options: DataOptions = DataOptions()
                 ) -> tuple[Tensor, Tensor, dict]:
     """(embeddings float32 (n, dim), labels int64 (n,), record) of one CIFAR split, cached."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    data = load_cifar(name, split, root=dataset_root, download=download,
+    cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
+    progress = options.progress
+    data = load_cifar(name, split, root=options.root, download=options.download,
                       max_per_class=max_per_class, progress=progress,
                       cache_dir=cache_dir / "data")
     meta = {"dataset": name, "split": split, "data": data.identity, "encoder": encoder.name,
             "weights": encoder.weights_id, "resolution": resolution}
     x, cache_id = cached_embeddings(
         cache_dir / "embeddings", meta,
-        lambda: embed_images(encoder, data.images, resolution, device=device, progress=progress,
-                             desc=f"embedding {name} {split} at {resolution}px"),
+        lambda: embed_images(encoder, data.images, resolution, device=options.device,
+                             progress=progress, desc=f"embedding {name} {split} at {resolution}px"),
     )
     record = {"source": data.source, "images": len(data.labels), "data_identity": data.identity,
               "embedding_cache_identity": cache_id}
@@ -83,11 +94,7 @@ def embed_cifar(
     test_max_per_class: int | None = None,
     key_init_data: str | None = None,
     key_init_max_per_class: int | None = None,
-    dataset_root: Path | None = None,
-    download: bool = False,
-    cache_dir: Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    options: DataOptions = DataOptions(),
 ) -> EmbeddedSplits:
     """Embed (or load from the cache) ``dataset``'s train and test splits and, unless
     ``key_init_data`` is None or ``"none"``, the train split of that data set for fitting
@@ -98,8 +105,7 @@ def embed_cifar(
         raise ValueError(f"key_init_data must be one of {', '.join(KEY_INIT_DATA)} or None, "
                          f"got {key_init_data!r}")
     enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights)
-    common = dict(resolution=resolution, dataset_root=dataset_root, download=download,
-                  cache_dir=cache_dir, device=device, progress=progress)
+    common = dict(resolution=resolution, options=options)
     xtr, ytr, rtr = embed_split(enc, dataset, "train", max_per_class=max_per_class, **common)
     xte, yte, rte = embed_split(enc, dataset, "test", max_per_class=test_max_per_class, **common)
     key_init, rkey = None, None
@@ -142,19 +148,6 @@ def class_order(num_classes: int, seed: int | None = None,
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _split_cifar_embedded(dataset: str, n_experiences: int, seed: int | None,
-                          fixed_class_order: Sequence[int] | None, **embed: Any) -> Any:
-    classes = NUM_CLASSES[dataset]
-    if not isinstance(n_experiences, int) or n_experiences < 1 or classes % n_experiences:
-        raise ValueError(f"n_experiences must divide the {classes} classes, got {n_experiences!r}")
-    order = class_order(classes, seed, fixed_class_order)
-    data = embed_cifar(dataset, **embed)
-    benchmark = tensor_scenario(data.train, data.test, order, n_experiences)
-    benchmark.embeddings = data
-    benchmark.key_init_data = data.key_init
-    return benchmark
-
-
 def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     n_experiences: int = 5,
     *,
@@ -171,6 +164,7 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     cache_dir: Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    dataset: str = "cifar10",
 ) -> Any:
     """Split CIFAR-10 over frozen-encoder embeddings, as Avalanche's ``SplitCIFAR10`` over images.
 
@@ -190,39 +184,27 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     ``max_per_class`` keeps the first images of each class (train; half as many test),
     ``key_init_max_per_class`` likewise for the key-initialisation data.
     """
-    return _split_cifar_embedded(
-        "cifar10", n_experiences, seed, fixed_class_order, encoder=encoder, weights=weights,
-        resolution=resolution, max_per_class=max_per_class,
+    classes = NUM_CLASSES[dataset]
+    if not isinstance(n_experiences, int) or n_experiences < 1 or classes % n_experiences:
+        raise ValueError(f"n_experiences must divide the {classes} classes, got {n_experiences!r}")
+    order = class_order(classes, seed, fixed_class_order)
+    data = embed_cifar(
+        dataset, encoder=encoder, weights=weights, resolution=resolution,
+        max_per_class=max_per_class,
         test_max_per_class=max_per_class and max(1, max_per_class // 2),
         key_init_data=key_init_data, key_init_max_per_class=key_init_max_per_class,
-        dataset_root=dataset_root, download=download,
-        cache_dir=cache_dir, device=device, progress=progress)
+        options=DataOptions(dataset_root, download, cache_dir, device, progress))
+    benchmark = tensor_scenario(data.train, data.test, order, n_experiences)
+    benchmark.embeddings = data
+    benchmark.key_init_data = data.key_init
+    return benchmark
 
 
 def SplitCIFAR100Embedded(  # noqa: N802 (named like Avalanche's generators)
-    n_experiences: int = 10,
-    *,
-    encoder: str = "efficientnet_lite0",
-    weights: Path | None = None,
-    resolution: int = 64,
-    seed: int | None = None,
-    fixed_class_order: Sequence[int] | None = None,
-    max_per_class: int | None = None,
-    key_init_data: str | None = "cifar10",
-    key_init_max_per_class: int | None = None,
-    dataset_root: Path | None = None,
-    download: bool = False,
-    cache_dir: Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    n_experiences: int = 10, *, key_init_data: str | None = "cifar10", **kwargs: Any
 ) -> Any:
-    """Split CIFAR-100 over frozen-encoder embeddings: as :func:`SplitCIFAR10Embedded`, with
-    100 classes (fine labels) and keys fitted by default on CIFAR-10's train split, as the
-    paper does."""
-    return _split_cifar_embedded(
-        "cifar100", n_experiences, seed, fixed_class_order, encoder=encoder, weights=weights,
-        resolution=resolution, max_per_class=max_per_class,
-        test_max_per_class=max_per_class and max(1, max_per_class // 2),
-        key_init_data=key_init_data, key_init_max_per_class=key_init_max_per_class,
-        dataset_root=dataset_root, download=download,
-        cache_dir=cache_dir, device=device, progress=progress)
+    """Split CIFAR-100 over frozen-encoder embeddings: :func:`SplitCIFAR10Embedded`'s
+    keyword arguments, with 100 classes (fine labels) and keys fitted by default on
+    CIFAR-10's train split, as the paper does."""
+    return SplitCIFAR10Embedded(n_experiences, key_init_data=key_init_data, dataset="cifar100",
+                                **kwargs)

@@ -114,27 +114,18 @@ def _coerce(name: str, value: Any, hint: Any, fields: list[str]) -> Any:
         if not items:
             raise bad("a non-empty list")
         return tuple(items)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if hint is Path:
-        if not isinstance(value, str | Path):
-            raise bad("a path")
-        return Path(value)
+    if hint in _SCALARS:
+        expected, accepted = _SCALARS[hint]
+        if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
+            raise bad(expected)
+        return hint(value)
     return value
+
+
+# scalar type -> (what the error says it must be, the Python types accepted)
+_SCALARS: dict[type, tuple[str, type | types.UnionType]] = {
+    bool: ("true or false", bool), int: ("an integer", int), float: ("a number", int | float),
+    str: ("a string", str), Path: ("a path", str | Path)}
 
 
 def _positive(config: BaseConfig, *names: str) -> None:
@@ -287,12 +278,14 @@ class ToyConfig(BaseConfig):
     strategies: tuple[str, ...] = field(default_factory=_toy_strategies, metadata=describe(
         "strategies to run (default: all registered)", metavar="NAME",
         registry="kvb_avalanche.experiments.strategies:TOY"))
-    steps: int = field(default=1000, metadata=describe("full-batch steps per stage"))
-    key_steps: int = field(default=1000, metadata=describe("EMA steps fitting the keys"))
+    steps: int = field(default=1000, metadata=describe("full-batch steps per stage", metavar="N"))
+    key_steps: int = field(default=1000, metadata=describe("EMA steps fitting the keys",
+                                                           metavar="N"))
     lr: float = field(default=1e-3, metadata=describe("Adam learning rate (all strategies)"))
+    std: float = field(default=0.035, metadata=describe("blob standard deviation"))
+    # the baselines' own
     ewc_lambda: float = field(default=100.0, metadata=describe("EWC penalty weight"))
     replay_size: int = field(default=100, metadata=describe("replay buffer size"))
-    std: float = field(default=0.035, metadata=describe("blob standard deviation"))
 
     def validate(self) -> None:
         from kvb_avalanche.experiments.strategies import TOY

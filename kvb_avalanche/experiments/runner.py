@@ -24,6 +24,7 @@ from avalanche.logging import BaseLogger, CSVLogger, InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 from kvb_avalanche.benchmarks.embedded import (
+    DataOptions,
     EmbeddedSplits,
     class_order,
     embed_cifar,
@@ -160,9 +161,9 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         resolution=config.resolution, max_per_class=config.max_per_class,
         test_max_per_class=config.test_max_per_class,
         key_init_data=config.key_init_data if needs_keys else None,
-        key_init_max_per_class=config.key_init_max_per_class, dataset_root=options.data_root,
-        download=options.download, cache_dir=options.cache_dir, device=options.device,
-        progress=options.progress)
+        key_init_max_per_class=config.key_init_max_per_class,
+        options=DataOptions(options.data_root, options.download, options.cache_dir,
+                            options.device, options.progress))
 
 
 def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:

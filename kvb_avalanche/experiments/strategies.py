@@ -116,24 +116,19 @@ def _head(ctx: BuildContext, linear: bool) -> dict:
                 criterion=nn.CrossEntropyLoss(), train_epochs=cfg.epochs, **ctx.common())
 
 
-@STRATEGIES.register("linear_probe")
-def _linear_probe(ctx: BuildContext) -> SupervisedTemplate:
-    return Naive(**_head(ctx, linear=True))
+def _register_heads(registry: StrategyRegistry, head: Callable[[BuildContext, bool], dict],
+                    names: tuple[str, str, str, str], buffer_field: str) -> None:
+    """A linear probe, then naive fine-tuning, EWC and replay of an MLP head (in that
+    order, under ``names``), each with the head ``head(ctx, linear)`` gives."""
+    probe, naive, ewc, replay = names
+    registry.register(probe)(lambda ctx: Naive(**head(ctx, True)))
+    registry.register(naive)(lambda ctx: Naive(**head(ctx, False)))
+    registry.register(ewc)(lambda ctx: EWC(ewc_lambda=ctx.config.ewc_lambda, **head(ctx, False)))
+    registry.register(replay)(lambda ctx: Replay(mem_size=getattr(ctx.config, buffer_field),
+                                                 **head(ctx, False)))
 
 
-@STRATEGIES.register("naive")
-def _naive(ctx: BuildContext) -> SupervisedTemplate:
-    return Naive(**_head(ctx, linear=False))
-
-
-@STRATEGIES.register("ewc")
-def _ewc(ctx: BuildContext) -> SupervisedTemplate:
-    return EWC(ewc_lambda=ctx.config.ewc_lambda, **_head(ctx, linear=False))
-
-
-@STRATEGIES.register("replay")
-def _replay(ctx: BuildContext) -> SupervisedTemplate:
-    return Replay(mem_size=ctx.config.buffer_size, **_head(ctx, linear=False))
+_register_heads(STRATEGIES, _head, ("linear_probe", "naive", "ewc", "replay"), "buffer_size")
 
 
 @STRATEGIES.register("lwf")
@@ -197,21 +192,5 @@ def _toy_head(ctx: BuildContext, linear: bool) -> dict:
     return dict(model=model, optimizer=adam, **_toy_common(ctx))
 
 
-@TOY.register("linear_probe")
-def _toy_linear(ctx: BuildContext) -> SupervisedTemplate:
-    return Naive(**_toy_head(ctx, linear=True))
-
-
-@TOY.register("naive_mlp")
-def _toy_naive(ctx: BuildContext) -> SupervisedTemplate:
-    return Naive(**_toy_head(ctx, linear=False))
-
-
-@TOY.register("ewc_mlp")
-def _toy_ewc(ctx: BuildContext) -> SupervisedTemplate:
-    return EWC(ewc_lambda=ctx.config.ewc_lambda, **_toy_head(ctx, linear=False))
-
-
-@TOY.register("replay_mlp")
-def _toy_replay(ctx: BuildContext) -> SupervisedTemplate:
-    return Replay(mem_size=ctx.config.replay_size, **_toy_head(ctx, linear=False))
+_register_heads(TOY, _toy_head, ("linear_probe", "naive_mlp", "ewc_mlp", "replay_mlp"),
+                "replay_size")
