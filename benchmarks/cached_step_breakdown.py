@@ -1,8 +1,10 @@
 """Where a paper-scale training step on cached codes spends its time.
 
-Runs KVBStrategy's step by hand (the same bottleneck, decoder, loss, clipping and
-optimizer), timing each part over shuffled batches of one experience, and, for reference,
-what PyTorch's generic sparse kernels take for the same gradient. Writes ``DIR/breakdown.csv``.
+Runs KVBStrategy's two steps by hand, the autograd one and the fused voting step (the same
+bottleneck, decoder, loss, clipping and SGD), timing each part over shuffled batches of
+one experience, and, for reference, what PyTorch's generic sparse kernels take for the same
+gradient. Writes ``DIR/breakdown.csv`` (step, part, ms per step). Avalanche's own
+per-iteration work (hooks, metrics, moving the batch) comes on top of these in a strategy.
 
     python benchmarks/cached_step_breakdown.py --out results/perf
 """
@@ -78,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     epoch(timed=False)
     for _ in range(args.epochs):
         epoch(timed=True)
-    rows = [{"part": k, "ms_per_step": v / steps * 1000} for k, v in seconds.items()]
-    rows.append({"part": "total", "ms_per_step": sum(seconds.values()) / steps * 1000})
+    rows = [{"step": "autograd", "part": k, "ms_per_step": v / steps * 1000}
+            for k, v in seconds.items()]
+    rows.append({"step": "autograd", "part": "total",
+                 "ms_per_step": sum(seconds.values()) / steps * 1000})
+    rows += fused_parts(bn, codes, labels, g, args.epochs)
 
     # PyTorch's generic sparse kernels on one step's gradient, for reference
     x = codes[:batch]
@@ -98,9 +103,50 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         for _ in range(20):
             fn()
-        rows.append({"part": name, "ms_per_step": (time.perf_counter() - start) / 20 * 1000})
+        rows.append({"step": "reference", "part": name,
+                     "ms_per_step": (time.perf_counter() - start) / 20 * 1000})
     write_csv(pd.DataFrame(rows), args.out / "breakdown.csv")
     print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))  # noqa: T201
+
+
+def fused_parts(bn, codes, labels, g, epochs: int) -> list[dict]:
+    """The fused voting step's parts, ms per step, over ``epochs`` timed epochs."""
+    import torch
+
+    from kvb_avalanche import KVBModel, VotingDecoder
+    from kvb_avalanche.fused import FusedVotingStep
+
+    model = KVBModel(None, bn, VotingDecoder(PAPER["dim_values"])).train()
+    step = FusedVotingStep(model)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    names = ("batch indexing", "vote kernel (gather, sum, key usage)", "loss",
+             "gradient: group and norm kernel (softmax - target)", "update kernel (clip, SGD)")
+    seconds = dict.fromkeys(names, 0.0)
+    steps = 0
+    for timed in [False] + [True] * epochs:
+        order = torch.randperm(len(codes), generator=g)
+        for i in range(0, len(codes), PAPER["batch"]):
+            marks = [time.perf_counter()]
+            idx = order[i : i + PAPER["batch"]]
+            x, y = codes[idx], labels[idx]
+            marks.append(time.perf_counter())
+            logits = step.forward(x)
+            marks.append(time.perf_counter())
+            with torch.no_grad():
+                criterion(logits, y)
+            marks.append(time.perf_counter())
+            step.backward(logits, y, 0.1)
+            marks.append(time.perf_counter())
+            step.step(0.3, 1.0)
+            marks.append(time.perf_counter())
+            if timed:
+                steps += 1
+                for name, a, b in zip(names, marks[:-1], marks[1:], strict=True):
+                    seconds[name] += b - a
+    rows = [{"step": "fused", "part": k, "ms_per_step": v / steps * 1000}
+            for k, v in seconds.items()]
+    return rows + [{"step": "fused", "part": "total",
+                    "ms_per_step": sum(seconds.values()) / steps * 1000}]
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ class KeyValueBottleneck(nn.Module):
         self.register_buffer("key_usage", torch.zeros(codebooks, num_pairs, dtype=torch.long))
         self.mask_unused_keys = mask_unused_keys
         self.sparse_grad = sparse_grad
+        self.fit_stats: dict | None = None  # set by fit_keys: how the keys were fitted
 
         values = torch.zeros(codebooks, num_pairs, dim_values)
         if values_init == "randn":

@@ -6,17 +6,22 @@ from torch import Tensor, nn
 
 
 class VotingDecoder(nn.Module):
-    """Non-parametric: the mean of the fetched values over codebooks and top-k.
+    """Non-parametric: the mean (the paper's) or the sum of the fetched values over codebooks
+    and top-k.
 
     Each value code is a vote over the classes (``dim_values == num_classes``); the
-    softmax is left to the loss. Has no parameters, so it cannot forget.
+    softmax is left to the loss. Has no parameters, so it cannot forget. The mean keeps the
+    logits, and each value's gradient, 1/codebooks of the sum's: at the paper's lr 0.3 the
+    logits then never leave the softmax's linear regime (``kvb_avalanche.metrics``).
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, reduction: str = "mean") -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.num_classes = num_classes
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.num_classes, self.reduction = num_classes, reduction
 
     def forward(self, values: Tensor) -> Tensor:
         if values.shape[-1] != self.num_classes:
@@ -27,7 +32,7 @@ class VotingDecoder(nn.Module):
         # (batch, [tokens,] codebooks, topk, classes) -> (batch, classes); a sum then a
         # division, so the fetched values' gradient stays an expanded view (no copy)
         votes = values.flatten(1, -2)
-        return votes.sum(1) / votes.shape[1]
+        return votes.sum(1) / votes.shape[1] if self.reduction == "mean" else votes.sum(1)
 
 
 class LinearDecoder(nn.Module):

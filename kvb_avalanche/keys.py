@@ -144,7 +144,9 @@ def fit_keys(
     """Fit the keys of ``bn`` on an iterable of unlabelled embedding batches.
 
     ``loader`` yields tensors (batch, dim_embed) or tuples whose first item is one (so a
-    labelled DataLoader works; labels are ignored). Returns a few statistics of the fit.
+    labelled DataLoader works; labels are ignored). Returns a few statistics of the fit
+    (``ema_steps``; ``keys_replaced``, in all and ``keys_replaced_per_epoch``: the dead-code
+    churn; ``keys_in_use``), also kept as ``bn.fit_stats``.
     """
     cfg = config or KeyFitConfig()
     if bool(bn.keys_frozen):
@@ -169,14 +171,17 @@ def fit_keys(
         lloyd_start(bn, torch.cat(gathered)[: cfg.kmeans_samples], cfg.kmeans_iters, generator,
                     progress)
     bn.keys_initialized.fill_(True)
-    replaced = steps = 0
+    per_epoch, steps = [], 0
     for _ in tqdm(range(cfg.epochs), desc="fitting keys (EMA k-means)", disable=not progress):
+        per_epoch.append(0)
         for batch in loader:
-            replaced += ema_step(bn, heads(batch), cfg, generator)
+            per_epoch[-1] += ema_step(bn, heads(batch), cfg, generator)
             steps += 1
     if steps == 0 and not cfg.kmeans_start:
         raise ValueError("the key-initialisation loader yielded no batch")
     usage = (bn.ema_counts > 0).float().mean().item()
-    stats = {"ema_steps": steps, "keys_replaced": replaced, "keys_in_use": usage}
-    log.info("fitted keys: %s", stats)
+    stats = {"ema_steps": steps, "keys_replaced": sum(per_epoch),
+             "keys_replaced_per_epoch": per_epoch, "keys_in_use": usage}
+    bn.fit_stats = stats  # travels with the bottleneck (copies, checkpoints), for the metrics
+    log.info("fitted keys: %s", {k: v for k, v in stats.items() if k != "keys_replaced_per_epoch"})
     return stats

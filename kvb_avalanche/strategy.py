@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -11,10 +12,14 @@ from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.templates.base import _experiences_parameter_as_iterable
 from torch import nn
 
+from kvb_avalanche.fused import FusedVotingStep, why_not_fused
 from kvb_avalanche.keys import KeyFitConfig
+from kvb_avalanche.metrics import COUNTING_REGIME, regime
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import CacheCodes, FrozenCodesPlugin, KVBPlugin, check_model
 from kvb_avalanche.sparse import SparseSGD, as_coalesced
+
+log = logging.getLogger(__name__)
 
 
 class KVBStrategy(SupervisedTemplate):
@@ -33,6 +38,15 @@ class KVBStrategy(SupervisedTemplate):
     mixes in (replay) are looked up once per distinct input; data with random transforms
     are looked up per batch. ``True`` caches even those (one augmentation draw, frozen;
     warned), ``False`` never caches.
+
+    ``fused`` (:mod:`kvb_avalanche.fused`): with a :class:`VotingDecoder`, cross-entropy
+    and plain SGD on the values, the training step is computed without autograd, in
+    compiled kernels, inside the template's own ``forward``, ``criterion``, ``backward``
+    and ``optimizer_step`` (every plugin hook fires; ``mb_output`` holds the logits and
+    ``loss`` the loss). ``None`` (default) takes it when it applies and no plugin acts at
+    ``before_backward`` / ``after_backward``; ``False`` never; ``True`` insists (an error
+    says why it cannot). A log line says which step runs. No ``.grad`` is filled: pass
+    ``fused=False`` to a plugin that reads gradients elsewhere.
     """
 
     def __init__(
@@ -48,6 +62,7 @@ class KVBStrategy(SupervisedTemplate):
         key_fit: KeyFitConfig | None = None,
         freeze_decoder: bool | None = None,
         cache_codes: CacheCodes = "auto",
+        fused: bool | None = None,
         train_mb_size: int = 256,
         train_epochs: int = 1,
         eval_mb_size: int | None = 1024,
@@ -61,10 +76,15 @@ class KVBStrategy(SupervisedTemplate):
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
         self.clip_grad_norm = clip_grad_norm
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
+        self.fused, self._fused_step, self._step_said = fused, None, None
+        self.training_step: str | None = None  # "fused" or "autograd": this experience's
         if optimizer is None:
             optimizer = SparseSGD([model.bottleneck.values], lr=lr)
         self.kvb = KVBPlugin(key_init_loader, key_fit, freeze_decoder, batch_size=train_mb_size)
         own = [self.kvb] if cache_codes is False else [self.kvb, FrozenCodesPlugin(cache_codes)]
+        own.append(CountingRegimeWarning())
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -89,10 +109,75 @@ class KVBStrategy(SupervisedTemplate):
                              else experiences[0], self.device)
         return super().train(experiences, eval_streams, **kwargs)
 
+    # ---------------------------------------------------------------- the training step
+    def _before_training_exp(self, **kwargs) -> None:
+        super()._before_training_exp(**kwargs)
+        why = "fused=False" if self.fused is False else why_not_fused(self)
+        if why is not None and self.fused is True:
+            raise ValueError(f"fused=True, but the fused step does not apply: {why}")
+        self._fused_step = FusedVotingStep(self.model) if why is None else None
+        self.training_step = "fused" if why is None else "autograd"
+        said = "fused voting step" if why is None else f"autograd step ({why})"
+        if said != self._step_said:
+            log.info("KVBStrategy trains with the %s", said)
+            self._step_said = said
+
+    def _fusing(self) -> bool:
+        return self._fused_step is not None and self.is_training
+
+    def forward(self):
+        if self._fusing():
+            return self._fused_step.forward(self.mb_x)
+        return super().forward()
+
+    def criterion(self):
+        if self._fusing():
+            with torch.no_grad():
+                return self._criterion(self.mb_output, self.mb_y)
+        return super().criterion()
+
+    def backward(self) -> None:
+        if self._fusing():
+            self._fused_step.backward(self.mb_output, self.mb_y, self._criterion.label_smoothing)
+        else:
+            super().backward()
+
     def optimizer_step(self) -> None:
+        if self._fusing():
+            self._fused_step.step(self.optimizer.param_groups[0]["lr"], self.clip_grad_norm)
+            return
         if self.clip_grad_norm is not None:
             clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
         super().optimizer_step()
+
+    def _after_training_exp(self, **kwargs) -> None:
+        super()._after_training_exp(**kwargs)
+        self._fused_step = None  # holds the batch's codes and gradient buffers
+
+
+class CountingRegimeWarning(SupervisedPlugin):
+    """Says once per experience, through ``logging``, when training ended it in the counting
+    regime (:data:`kvb_avalanche.metrics.COUNTING_REGIME`): the softmax stayed near uniform
+    over the last epoch, so the values are per-key class counts."""
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if isinstance(strategy.mb_output, torch.Tensor) and strategy.mb_output.dim() == 2:
+            r = regime(strategy.mb_output)
+            self._sum += float(r.sum())
+            self._count += len(r)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if getattr(self, "_count", 0) and self._sum / self._count < COUNTING_REGIME:
+            log.warning(
+                "KVB ended experience %d in the counting regime (regime %.2g < %g over its last "
+                "epoch): the softmax stays near uniform, so each value holds its key's class "
+                "counts and predictions are a vote of them; it cannot forget, nor learn beyond "
+                "the counts. A larger lr, VotingDecoder(reduction='sum') or more epochs move "
+                "it out (kvb_avalanche.metrics).", strategy.experience.current_experience,
+                self._sum / self._count, COUNTING_REGIME)
 
 
 @torch.no_grad()

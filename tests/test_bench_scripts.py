@@ -17,7 +17,7 @@ def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
             "ratio_to_floor"} <= set(bench.columns)
     ours = bench[(bench.impl == "ours") & (bench.case == "small")].set_index("measure")
     assert {"forward", "forward_backward", "key_update", "epoch_cached_codes",
-            "epoch_recomputed_lookups", "replay_epoch_memo",
+            "epoch_cached_codes_autograd", "epoch_recomputed_lookups", "replay_epoch_memo",
             "replay_epoch_recomputed_lookups"} <= set(ours.index)
     assert (ours.median_ms > 0).all()
     official = bench[bench.impl == "official"].set_index("measure")
@@ -45,8 +45,11 @@ def test_kvb_epochs_quick_curve(tmp_path):
 
 def test_cached_step_breakdown_parts_add_up(tmp_path):
     cached_step_breakdown.main(["--out", str(tmp_path), "--epochs", "1"])
-    table = pd.read_csv(tmp_path / "breakdown.csv").set_index("part").ms_per_step
-    parts = table.drop([p for p in table.index if p == "total" or p.startswith("reference")])
-    assert len(parts) == 6 and (parts > 0).all()
-    assert table["total"] == pytest.approx(parts.sum(), rel=1e-4)  # the csv keeps 6 digits
-    assert (table[[p for p in table.index if p.startswith("reference")]] > 0).all()
+    table = pd.read_csv(tmp_path / "breakdown.csv")
+    assert list(table.columns) == ["step", "part", "ms_per_step"]
+    for step, parts in (("autograd", 6), ("fused", 5)):
+        rows = table[table.step == step].set_index("part").ms_per_step
+        assert len(rows) == parts + 1 and (rows > 0).all()
+        # the csv keeps 6 digits
+        assert rows["total"] == pytest.approx(rows.drop("total").sum(), rel=1e-4)
+    assert (table[table.step == "reference"].ms_per_step > 0).all()

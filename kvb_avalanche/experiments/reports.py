@@ -96,21 +96,44 @@ def mean_std_table(summary: pd.DataFrame, columns: Sequence[str]) -> pd.DataFram
     return agg.reset_index()
 
 
-def key_sharing_rows(strategy: str, seed: int, usage_after: list[torch.Tensor]
+def _per_experience(metrics: dict[str, tuple[list, list]], prefix: str) -> dict[int, float]:
+    """An experience-level training metric's last value per experience id."""
+    return {int(name.rsplit("Exp", 1)[1]): values[-1] for name, (_, values) in metrics.items()
+            if name.startswith(prefix + "/train_phase/")}
+
+
+def _stream(metrics: dict[str, tuple[list, list]], prefix: str) -> list[float]:
+    """A stream-level training metric's values, one per time it was emitted."""
+    return next((values for name, (_, values) in metrics.items()
+                 if name.startswith(prefix + "/train_phase/")), [])
+
+
+def key_sharing_rows(strategy: str, seed: int, metrics: dict[str, tuple[list, list]]
                      ) -> list[KeySharingRow]:
-    """From key-usage counts (codebooks, pairs) after each experience: per experience, the
-    pairs it selects, the share already selected before, and the share selected so far."""
-    rows, before = [], torch.zeros_like(usage_after[0], dtype=torch.bool)
-    previous = torch.zeros_like(usage_after[0])
-    for t, usage in enumerate(usage_after):
-        selected = (usage - previous) > 0
-        n = int(selected.sum())
-        rows.append(KeySharingRow(strategy, seed, t, n,
-                                  float((selected & before).sum()) / max(1, n),
-                                  float((before | selected).float().mean())))
-        before |= selected
-        previous = usage
-    return rows
+    """Per experience, from the KVB metrics an evaluator logged (``get_all_metrics()``): the
+    pairs it selects, the share already selected before, the share selected so far. Empty
+    where the evaluator had no such metrics."""
+    selected = _per_experience(metrics, "KeysSelected_Exp")
+    shared = _per_experience(metrics, "KeySharing_Exp")
+    ever = _stream(metrics, "KeysInUse_Stream")
+    return [KeySharingRow(strategy, seed, t, int(selected[t]), float(shared[t]), float(ever[t]))
+            for t in sorted(selected)]
+
+
+def diagnostics_rows(strategy: str, seed: int, metrics: dict[str, tuple[list, list]]
+                     ) -> list[dict]:
+    """Per experience, KVB's diagnostics at its end: keys in use (by it, and so far), key
+    sharing, value scale (mean, max |value| over trained pairs) and the learning regime."""
+    columns = {"keys_in_use_experience": _per_experience(metrics, "KeysInUse_Exp"),
+               "key_sharing": _per_experience(metrics, "KeySharing_Exp"),
+               "value_scale_mean": _per_experience(metrics, "ValueScale_Mean_Exp"),
+               "value_scale_max": _per_experience(metrics, "ValueScale_Max_Exp"),
+               "regime": _per_experience(metrics, "Regime_Exp")}
+    ever = _stream(metrics, "KeysInUse_Stream")
+    return [{"strategy": strategy, "seed": seed, "experience": t,
+             "keys_in_use_stream": ever[t] if t < len(ever) else None,
+             **{k: v.get(t) for k, v in columns.items()}}
+            for t in sorted(columns["value_scale_mean"])]
 
 
 # ---------------------------------------------------------------------------- claims
@@ -218,6 +241,40 @@ def plot_regions(regions: dict[str, list[int]], points: tuple[torch.Tensor, torc
     savefig(fig, path, dpi=110)
 
 
+def plot_diagnostics(diagnostics: pd.DataFrame, path: Path, title: str) -> None:
+    """KVB's diagnostics over experiences (seed mean, seeds' min-max): keys in use, key
+    sharing, value scale, learning regime; one line per KVB strategy."""
+    from kvb_avalanche.metrics import COUNTING_REGIME
+
+    plt = pyplot()
+    panels = [("keys in use", ["keys_in_use_experience", "keys_in_use_stream"], False),
+              ("keys shared with earlier experiences", ["key_sharing"], False),
+              ("|value| over trained pairs", ["value_scale_mean", "value_scale_max"], True),
+              ("learning regime (0: counting)", ["regime"], True)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2))
+    for ax, (label, columns, log) in zip(axes, panels, strict=True):
+        for (name, column), style in zip(
+                [(n, c) for n in dict.fromkeys(diagnostics.strategy) for c in columns],
+                ["-", "--", ":", "-."] * 4, strict=False):
+            g = diagnostics[diagnostics.strategy == name].groupby("experience")[column]
+            stats = g.agg(["mean", "min", "max"]).astype(float)
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, linestyle=style,
+                    label=f"{name}: {column.replace('_', ' ')}")
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
+        if "regime" in columns:
+            ax.axhline(COUNTING_REGIME, color="grey", linewidth=0.8, linestyle=":",
+                       label="counting-regime threshold")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("experience")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
 # ---------------------------------------------------------------------------- one folder
 def write_split_reports(out: Path, records: Sequence[RunRecord], strategies: Sequence[str],
                         joint: set[str], title: str, classes: int) -> pd.DataFrame:
@@ -234,6 +291,12 @@ def write_split_reports(out: Path, records: Sequence[RunRecord], strategies: Seq
     if len(curves):
         plot_curves(curves, out / "forgetting_curves.png",
                     f"{title}: accuracy on each experience as training proceeds")
+    diagnostics = pd.DataFrame([row for rec in records
+                                for row in rec.extra.get("kvb_diagnostics", [])])
+    if len(diagnostics):
+        write_csv(diagnostics, out / "kvb_diagnostics.csv")
+        plot_diagnostics(diagnostics[~diagnostics.strategy.isin(joint)],
+                         out / "kvb_diagnostics.png", f"{title}: KVB diagnostics")
     plot_final(summary, out / "final_accuracy.png", classes)
     table = mean_std_table(summary, ["final_accuracy", "average_forgetting", "train_seconds"])
     write_csv(table, out / "summary_mean_std.csv")

@@ -37,6 +37,7 @@ from kvb_avalanche.encoders import build_encoder
 from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig, ToyConfig
 from kvb_avalanche.experiments.records import MatrixRow, RunRecord, RunStore
 from kvb_avalanche.experiments.reports import (
+    diagnostics_rows,
     key_sharing_rows,
     plot_regions,
     write_split_reports,
@@ -44,6 +45,7 @@ from kvb_avalanche.experiments.reports import (
 )
 from kvb_avalanche.experiments.strategies import STRATEGIES, TOY, BuildContext
 from kvb_avalanche.keys import KeyFitConfig
+from kvb_avalanche.metrics import MetricsCSVLogger, kvb_metrics
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
 
@@ -65,12 +67,14 @@ class RunOptions:
 
 
 # ---------------------------------------------------------------------------- one stream
-def make_evaluator(loggers: Sequence[BaseLogger] = ()) -> EvaluationPlugin:
-    """Accuracy and forgetting at experience and stream level, plus the stream loss."""
+def make_evaluator(loggers: Sequence[BaseLogger] = (), kvb: bool = False) -> EvaluationPlugin:
+    """Accuracy and forgetting at experience and stream level, plus the stream loss; with
+    ``kvb``, KVB's diagnostics too (:func:`kvb_avalanche.metrics.kvb_metrics`)."""
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
-        loss_metrics(stream=True),
+        loss_metrics(epoch=True, stream=True),
+        *(kvb_metrics() if kvb else []),
         loggers=list(loggers),
     )
 
@@ -209,18 +213,19 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     checkpoint = store.checkpoint(strategy_name, seed) if store and not spec.joint else None
     resuming = checkpoint is not None and checkpoint.exists()
     torch.manual_seed(seed)
-    # a resumed strategy gets its loggers back from the checkpoint, its CSV files reopened
-    # where they were: a new CSVLogger would truncate them
+    # a resumed strategy gets its loggers back from the checkpoint, their files reopened
+    # where they were: new ones would start them afresh
     loggers: list[BaseLogger] = []
     if store is not None and not resuming:
-        loggers.append(CSVLogger(log_folder=str(store.logs(strategy_name, seed))))
+        logs = store.logs(strategy_name, seed)
+        loggers += [CSVLogger(log_folder=str(logs)), MetricsCSVLogger(logs / "metrics.csv")]
     if progress:
         loggers.append(InteractiveLogger())
-    ctx = BuildContext(config, seed, data.dim, config.num_classes, make_evaluator(loggers),
+    evaluator = make_evaluator(loggers, kvb=spec.uses_bottleneck)
+    ctx = BuildContext(config, seed, data.dim, config.num_classes, evaluator,
                        copy.deepcopy(bottleneck) if spec.uses_bottleneck else None,
                        codes if spec.uses_bottleneck else None)
     strategy = spec.build(ctx)
-    state: dict = {"usage_after": []}
     try:
         if spec.joint:  # i.i.d. upper bound: all classes at once, then the same evaluation
             joint = tensor_scenario(data.train, data.test, order, 1)
@@ -229,20 +234,17 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
             train_seconds = time.perf_counter() - start
             rows = evaluate(strategy, stream, strategy_name, seed, config.n_experiences - 1)
         else:
-            def snapshot(t: int) -> None:
-                if spec.uses_bottleneck:
-                    state["usage_after"].append(strategy.model.bottleneck.key_usage.clone())
-
             rows, train_seconds = run_stream(strategy, stream, strategy_name, seed,
-                                             after_experience=snapshot, checkpoint=checkpoint,
-                                             state=state)
+                                             checkpoint=checkpoint)
     finally:
         for logger in strategy.evaluator.loggers:
-            if isinstance(logger, CSVLogger):
+            if isinstance(logger, CSVLogger | MetricsCSVLogger):
                 logger.close()
-    usage = state["usage_after"]
-    sharing = key_sharing_rows(strategy_name, seed, usage) if usage else []
-    return RunRecord(strategy_name, seed, train_seconds, rows, sharing, order)
+    metrics = strategy.evaluator.get_all_metrics()
+    sharing = [] if spec.joint else key_sharing_rows(strategy_name, seed, metrics)
+    diagnostics = diagnostics_rows(strategy_name, seed, metrics) if spec.uses_bottleneck else []
+    return RunRecord(strategy_name, seed, train_seconds, rows, sharing, order,
+                     {"kvb_diagnostics": diagnostics} if diagnostics else {})
 
 
 class Workbench:

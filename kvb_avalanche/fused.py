@@ -1,0 +1,209 @@
+"""The voting decoder's training step without autograd: one pass per phase, by codebook.
+
+For a :class:`~kvb_avalanche.KVBModel` with a :class:`~kvb_avalanche.VotingDecoder`,
+cross-entropy (any label smoothing) and plain SGD on the values (:class:`SparseSGD`, or
+``torch.optim.SGD`` without momentum or weight decay), with or without norm clipping, the
+step has a closed form. With codes ``idx`` (batch B, codebooks C, topk K) and values ``V``
+(C, pairs, classes):
+
+    logits z_b = s * sum_{c,k} V[c, idx[b,c,k]]          s = 1/(C K) (mean) or 1 (sum)
+    dL/dz_b   = (softmax(z_b) - t_b) / B                  t_b the (smoothed) target
+    G[c, p]   = s * sum_{b,k: idx[b,c,k] = p} dL/dz_b     the values' gradient
+    V[c, p]  -= lr * min(1, max_norm / (||G|| + 1e-6)) * G[c, p]
+
+:class:`FusedVotingStep` computes it in three compiled kernels: the vote (which also
+counts key usage), the gradient grouped by (codebook, pair) with its norm, and the update.
+Work is split by codebook (or by fixed groups of codebooks), never summed in an order that
+depends on the number of threads: the same bits whatever ``NUMBA_NUM_THREADS``. Against
+autograd (which sums in another order) values agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from torch import Tensor, nn
+
+from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.model import KVBModel
+from kvb_avalanche.sparse import SparseSGD, _span, _workers, numba, prange
+
+GROUP = 16  # codebooks summed together in the vote, a fixed group whatever the threads
+
+
+def _vote_kernel(values, idx, usage, record, partial):
+    """partial[g, b] = sum over the codebooks c of group g, and k, of values[c, idx[b, c, k]];
+    usage[c, idx[b, c, k]] += 1 if record. partial: (groups, batch, classes), zeroed here."""
+    batch, codebooks, topk = idx.shape
+    classes = values.shape[2]
+    groups = partial.shape[0]
+    for g in prange(groups):
+        for b in range(batch):
+            for d in range(classes):
+                partial[g, b, d] = 0.0
+        for c in range(g * GROUP, min(codebooks, (g + 1) * GROUP)):
+            if record:  # a codebook belongs to one group: no two threads count the same row
+                for b in range(batch):
+                    for k in range(topk):
+                        usage[c, idx[b, c, k]] += 1
+            for b in range(batch):
+                votes = partial[g, b]
+                for k in range(topk):
+                    row = values[c, idx[b, c, k]]
+                    for d in range(classes):
+                        votes[d] += row[d]
+
+
+def _group_kernel(idx, grad, scale, scratch, rows, keys, count, normsq, workers):
+    """Per codebook c: G[c, p] = scale * sum of grad[b] over the (b, k) with idx[b, c, k] = p,
+    written compactly: rows[c, :count[c]] (the sums) at keys[c, :count[c]] (the pairs), in
+    first-seen order; normsq[c] = sum of their squares. scratch: (workers, pairs, classes)
+    zeros, left zeroed."""
+    batch, codebooks, topk = idx.shape
+    classes = grad.shape[1]
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        table = scratch[w]
+        for c in range(start, stop):
+            n = 0
+            for b in range(batch):
+                for k in range(topk):
+                    p = idx[b, c, k]
+                    first = True
+                    for d in range(classes):
+                        if table[p, d] != 0.0:
+                            first = False
+                    if first:  # (a zero gradient row may be listed twice; sums stay right)
+                        keys[c, n] = p
+                        n += 1
+                    for d in range(classes):
+                        table[p, d] += scale * grad[b, d]
+            total = 0.0
+            for u in range(n):
+                p = keys[c, u]
+                for d in range(classes):
+                    rows[c, u, d] = table[p, d]
+                    total += table[p, d] * table[p, d]
+                    table[p, d] = 0.0
+            count[c] = n
+            normsq[c] = total
+
+
+def _apply_kernel(values, rows, keys, count, alpha, workers):
+    """values[c, keys[c, u]] += alpha * rows[c, u] for u < count[c]."""
+    codebooks, classes = values.shape[0], values.shape[2]
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        for c in range(start, stop):
+            for u in range(count[c]):
+                p = keys[c, u]
+                for d in range(classes):
+                    values[c, p, d] += alpha * rows[c, u, d]
+
+
+if numba is not None:
+    _vote_kernel = numba.njit(cache=True, parallel=True)(_vote_kernel)
+    _group_kernel = numba.njit(cache=True, parallel=True)(_group_kernel)
+    _apply_kernel = numba.njit(cache=True, parallel=True)(_apply_kernel)
+
+
+def _own_hook(plugin: SupervisedPlugin, hook: str) -> bool:
+    return getattr(type(plugin), hook) is not getattr(SupervisedPlugin, hook)
+
+
+def why_not_fused(strategy: Any) -> str | None:
+    """Why ``strategy``'s training step needs autograd, or None when the fused step applies."""
+    model, optimizer, criterion = strategy.model, strategy.optimizer, strategy._criterion
+    if numba is None:
+        return "numba is not installed"
+    if not isinstance(model, KVBModel) or not isinstance(model.decoder, VotingDecoder):
+        return "the decoder is not a VotingDecoder"
+    values = model.bottleneck.values
+    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+        return f"the values are {values.dtype} on {values.device} (the kernels take CPU floats)"
+    if type(criterion) is not nn.CrossEntropyLoss or criterion.weight is not None or (
+            criterion.reduction != "mean"):
+        return "the criterion is not a plain nn.CrossEntropyLoss (mean, no class weights)"
+    if type(optimizer) not in (SparseSGD, torch.optim.SGD) or len(optimizer.param_groups) != 1:
+        return f"the optimizer is {type(optimizer).__name__}, not SGD with one parameter group"
+    group = optimizer.param_groups[0]
+    if type(optimizer) is torch.optim.SGD and (group["momentum"] or group["weight_decay"]
+                                               or group["maximize"]):
+        return "the SGD has momentum, weight decay or maximize"
+    if len(group["params"]) != 1 or group["params"][0] is not values:
+        return "the optimizer updates more than the bottleneck's values"
+    if not values.requires_grad:
+        return "the values are frozen"
+    for plugin in strategy.plugins:
+        if isinstance(plugin, EvaluationPlugin):
+            continue  # its metrics read outputs and losses, not gradients
+        for hook in ("before_backward", "after_backward"):
+            if _own_hook(plugin, hook):
+                return f"{type(plugin).__name__} acts at {hook} (it may need the autograd graph)"
+    return None
+
+
+class FusedVotingStep:
+    """The fused step's state between the template's forward, criterion, backward and
+    optimizer_step: the batch's codes and logits, the grouped gradient, its norm."""
+
+    def __init__(self, model: KVBModel) -> None:
+        bn = model.bottleneck
+        self.model, self.bn = model, bn
+        self.scale = 1.0 if model.decoder.reduction == "sum" else 1.0 / (bn.codebooks * bn.topk)
+        self._buffers: tuple | None = None
+        self.idx: np.ndarray | None = None
+        self.normsq: np.ndarray | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (batch, classes) of inputs or codes x; no graph, counts key usage."""
+        model, bn = self.model, self.bn
+        codes = x if model.is_codes(x) else model.codes(x)
+        bn.check_indices(codes, name="x (cached codes)")
+        self.idx = codes.numpy()
+        batch, codebooks, _ = codes.shape
+        classes = bn.values.shape[2]
+        partial = np.empty((-(-codebooks // GROUP), batch, classes),
+                           dtype=bn.values.detach().numpy().dtype)
+        record = bool(bn.keys_frozen) and model.training
+        usage = bn.key_usage if record else torch.zeros(1, 1, dtype=torch.long)
+        _vote_kernel(bn.values.detach().numpy(), self.idx, usage.numpy(), record, partial)
+        return torch.from_numpy(partial.sum(0) * self.scale)  # over the groups, in order
+
+    def backward(self, logits: Tensor, targets: Tensor, label_smoothing: float) -> None:
+        """The values' gradient, grouped by (codebook, pair), and its squared norm."""
+        bn = self.bn
+        batch, classes = logits.shape
+        grad = torch.softmax(logits, dim=1)  # (batch, classes): softmax - smoothed target
+        grad -= label_smoothing / classes
+        grad[torch.arange(batch), targets] -= 1.0 - label_smoothing
+        grad /= batch
+        codebooks, pairs = bn.codebooks, bn.num_pairs
+        rows_per = self.idx.shape[0] * self.idx.shape[2]
+        workers = _workers(codebooks)
+        dtype = grad.numpy().dtype
+        shape = (workers, pairs, classes, codebooks, rows_per)
+        if self._buffers is None or self._buffers[0] != shape:
+            self._buffers = (shape, np.zeros((workers, pairs, classes), dtype),
+                             np.empty((codebooks, rows_per, classes), dtype),
+                             np.empty((codebooks, rows_per), np.int64),
+                             np.empty(codebooks, np.int64), np.empty(codebooks, np.float64))
+        _, scratch, rows, keys, count, normsq = self._buffers
+        _group_kernel(self.idx, grad.numpy(), self.scale, scratch, rows, keys, count, normsq,
+                      workers)
+        self.normsq = normsq
+
+    def grad_norm(self) -> float:
+        return float(np.sqrt(self.normsq.sum()))
+
+    def step(self, lr: float, max_norm: float | None) -> None:
+        """values -= lr * clip(G)."""
+        factor = 1.0
+        if max_norm is not None:
+            factor = min(1.0, max_norm / (self.grad_norm() + 1e-6))
+        _, _, rows, keys, count, _ = self._buffers
+        _apply_kernel(self.bn.values.detach().numpy(), rows, keys, count, -lr * factor,
+                      _workers(self.bn.codebooks))
