@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(0, EPOCH_SAMPLES, batch):
             marks = [time.perf_counter()]
             idx = order[i : i + batch]
-            x, y = codes[idx], labels[idx]
+            x, y = codes.index_select(0, idx), labels.index_select(0, idx)
             marks.append(time.perf_counter())
             optimizer.zero_grad()
             fetched = bn.fetch(x)  # (batch, codebooks, 1, dim_values)
@@ -118,9 +118,8 @@ def fused_parts(bn, codes, labels, g, epochs: int) -> list[dict]:
 
     model = KVBModel(None, bn, VotingDecoder(PAPER["dim_values"])).train()
     step = FusedVotingStep(model)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    names = ("batch indexing", "vote kernel (gather, sum, key usage)", "loss",
-             "gradient: group and norm kernel (softmax - target)", "update kernel (clip, SGD)")
+    names = ("batch indexing", "vote kernel (gather, sum)", "loss and its gradient (serial)",
+             "group kernel (gradient by pair, norm)", "update kernel (clip, SGD, key usage)")
     seconds = dict.fromkeys(names, 0.0)
     steps = 0
     for timed in [False] + [True] * epochs:
@@ -128,14 +127,13 @@ def fused_parts(bn, codes, labels, g, epochs: int) -> list[dict]:
         for i in range(0, len(codes), PAPER["batch"]):
             marks = [time.perf_counter()]
             idx = order[i : i + PAPER["batch"]]
-            x, y = codes[idx], labels[idx]
+            x, y = codes.index_select(0, idx), labels.index_select(0, idx)
             marks.append(time.perf_counter())
             logits = step.forward(x)
             marks.append(time.perf_counter())
-            with torch.no_grad():
-                criterion(logits, y)
+            step.loss(logits, y, 0.1)
             marks.append(time.perf_counter())
-            step.backward(logits, y, 0.1)
+            step.backward()
             marks.append(time.perf_counter())
             step.step(0.3, 1.0)
             marks.append(time.perf_counter())

@@ -68,7 +68,7 @@ class CodesLoader:
             order = torch.arange(n)
         for i in range(len(self)):
             batch = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield [t[batch] for t in self.tensors]
+            yield [t.index_select(0, batch) for t in self.tensors]
 
 
 def plain_loader_settings(loader: Any, dataset: Any) -> tuple[int, bool, bool] | None:

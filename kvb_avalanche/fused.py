@@ -12,7 +12,8 @@ step has a closed form. With codes ``idx`` (batch B, codebooks C, topk K) and va
     V[c, p]  -= lr * min(1, max_norm / (||G|| + 1e-6)) * G[c, p]
 
 :class:`FusedVotingStep` computes it in three compiled kernels: the vote (which also
-counts key usage), the gradient grouped by (codebook, pair) with its norm, and the update.
+the gradient grouped by (codebook, pair) with its norm, and the update (which also
+counts key usage).
 Work is split by codebook (or by fixed groups of codebooks), never summed in an order that
 depends on the number of threads: the same bits whatever ``NUMBA_NUM_THREADS``. Against
 autograd (which sums in another order) values agree to float32 rounding.
@@ -34,72 +35,97 @@ from kvb_avalanche.sparse import SparseSGD, _span, _workers, numba, prange
 GROUP = 16  # codebooks summed together in the vote, a fixed group whatever the threads
 
 
-def _vote_kernel(values, idx, usage, record, partial):
-    """partial[g, b] = sum over the codebooks c of group g, and k, of values[c, idx[b, c, k]];
-    usage[c, idx[b, c, k]] += 1 if record. partial: (groups, batch, classes), zeroed here."""
+def _vote_kernel(values, idx, partial):
+    """partial[g, b] = sum over the codebooks c of group g, and k, of values[c, idx[b, c, k]].
+
+    partial: (groups, batch, classes), zeroed here. (Explicit indices, not row views:
+    numba makes a view per row, which costs more than the sum.)"""
     batch, codebooks, topk = idx.shape
     classes = values.shape[2]
-    groups = partial.shape[0]
-    for g in prange(groups):
+    for g in prange(partial.shape[0]):
         for b in range(batch):
             for d in range(classes):
                 partial[g, b, d] = 0.0
         for c in range(g * GROUP, min(codebooks, (g + 1) * GROUP)):
-            if record:  # a codebook belongs to one group: no two threads count the same row
-                for b in range(batch):
-                    for k in range(topk):
-                        usage[c, idx[b, c, k]] += 1
             for b in range(batch):
-                votes = partial[g, b]
                 for k in range(topk):
-                    row = values[c, idx[b, c, k]]
+                    p = idx[b, c, k]
                     for d in range(classes):
-                        votes[d] += row[d]
+                        partial[g, b, d] += values[c, p, d]
 
 
-def _group_kernel(idx, grad, scale, scratch, rows, keys, count, normsq, workers):
+def _group_kernel(idx, grad, scale, scratch, slot, rows, keys, fetches, count, normsq,
+                  workers):
     """Per codebook c: G[c, p] = scale * sum of grad[b] over the (b, k) with idx[b, c, k] = p,
     written compactly: rows[c, :count[c]] (the sums) at keys[c, :count[c]] (the pairs), in
-    first-seen order; normsq[c] = sum of their squares. scratch: (workers, pairs, classes)
-    zeros, left zeroed."""
+    first-seen order, with fetches[c, u] the times pair keys[c, u] was fetched;
+    normsq[c] = their squared norm. scratch (workers, pairs, classes) and slot (workers,
+    pairs; 0, or a pair's place u + 1) are a worker's own tables, in cache; slot is left 0.
+    (The key-usage table is counted in the update, which touches the same pairs.)"""
     batch, codebooks, topk = idx.shape
     classes = grad.shape[1]
     for w in prange(workers):
         start, stop = _span(w, workers, codebooks)
-        table = scratch[w]
         for c in range(start, stop):
             n = 0
             for b in range(batch):
                 for k in range(topk):
                     p = idx[b, c, k]
-                    first = True
-                    for d in range(classes):
-                        if table[p, d] != 0.0:
-                            first = False
-                    if first:  # (a zero gradient row may be listed twice; sums stay right)
-                        keys[c, n] = p
+                    u = slot[w, p] - 1
+                    if u < 0:  # first seen
+                        u = n
                         n += 1
+                        slot[w, p] = n
+                        keys[c, u] = p
+                        fetches[c, u] = 0
+                        for d in range(classes):
+                            scratch[w, p, d] = 0.0
+                    fetches[c, u] += 1
                     for d in range(classes):
-                        table[p, d] += scale * grad[b, d]
+                        scratch[w, p, d] += scale * grad[b, d]
             total = 0.0
             for u in range(n):
                 p = keys[c, u]
+                slot[w, p] = 0
                 for d in range(classes):
-                    rows[c, u, d] = table[p, d]
-                    total += table[p, d] * table[p, d]
-                    table[p, d] = 0.0
+                    rows[c, u, d] = scratch[w, p, d]
+                    total += scratch[w, p, d] * scratch[w, p, d]
             count[c] = n
             normsq[c] = total
 
 
-def _apply_kernel(values, rows, keys, count, alpha, workers):
-    """values[c, keys[c, u]] += alpha * rows[c, u] for u < count[c]."""
+def _loss_kernel(logits, targets, smoothing, grad):
+    """Mean cross-entropy of logits (batch, classes) against the targets, label-smoothed, and
+    its gradient grad[b] = (softmax(logits[b]) - t_b) / batch; serial (a few thousand
+    numbers: a parallel region would cost more, and so would a PyTorch op right after one)."""
+    batch, classes = logits.shape
+    total = 0.0
+    for b in range(batch):
+        top = logits[b, 0]
+        for d in range(1, classes):
+            top = max(top, logits[b, d])
+        norm = 0.0
+        for d in range(classes):
+            norm += np.exp(logits[b, d] - top)
+        log_norm = top + np.log(norm)
+        for d in range(classes):
+            target = smoothing / classes + (1.0 - smoothing if d == targets[b] else 0.0)
+            total -= target * (logits[b, d] - log_norm)
+            grad[b, d] = (np.exp(logits[b, d] - log_norm) - target) / batch
+    return total / batch
+
+
+def _apply_kernel(values, rows, keys, count, alpha, usage, fetches, record, workers):
+    """values[c, keys[c, u]] += alpha * rows[c, u] for u < count[c], and with record
+    usage[c, keys[c, u]] += fetches[c, u]."""
     codebooks, classes = values.shape[0], values.shape[2]
     for w in prange(workers):
         start, stop = _span(w, workers, codebooks)
         for c in range(start, stop):
             for u in range(count[c]):
                 p = keys[c, u]
+                if record:
+                    usage[c, p] += fetches[c, u]
                 for d in range(classes):
                     values[c, p, d] += alpha * rows[c, u, d]
 
@@ -108,6 +134,7 @@ if numba is not None:
     _vote_kernel = numba.njit(cache=True, parallel=True)(_vote_kernel)
     _group_kernel = numba.njit(cache=True, parallel=True)(_group_kernel)
     _apply_kernel = numba.njit(cache=True, parallel=True)(_apply_kernel)
+    _loss_kernel = numba.njit(cache=True)(_loss_kernel)
 
 
 def _own_hook(plugin: SupervisedPlugin, hook: str) -> bool:
@@ -159,51 +186,66 @@ class FusedVotingStep:
         self.normsq: np.ndarray | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (batch, classes) of inputs or codes x; no graph, counts key usage."""
+        """Logits (batch, classes) of inputs or codes x; no graph."""
         model, bn = self.model, self.bn
         codes = x if model.is_codes(x) else model.codes(x)
-        bn.check_indices(codes, name="x (cached codes)")
         self.idx = codes.numpy()
+        if self.idx.ndim != 3 or self.idx.shape[1] != bn.codebooks or (self.idx.size and (
+                self.idx.min() < 0 or self.idx.max() >= bn.num_pairs)):
+            bn.check_indices(codes, name="x (cached codes)")  # raises, naming the problem
         batch, codebooks, _ = codes.shape
         classes = bn.values.shape[2]
         partial = np.empty((-(-codebooks // GROUP), batch, classes),
                            dtype=bn.values.detach().numpy().dtype)
-        record = bool(bn.keys_frozen) and model.training
-        usage = bn.key_usage if record else torch.zeros(1, 1, dtype=torch.long)
-        _vote_kernel(bn.values.detach().numpy(), self.idx, usage.numpy(), record, partial)
+        _vote_kernel(bn.values.detach().numpy(), self.idx, partial)
         return torch.from_numpy(partial.sum(0) * self.scale)  # over the groups, in order
 
-    def backward(self, logits: Tensor, targets: Tensor, label_smoothing: float) -> None:
+    def loss(self, logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
+        """The mean (label-smoothed) cross-entropy, as a scalar tensor; keeps its gradient
+        with respect to the logits for :meth:`backward`."""
+        y = targets.numpy()
+        classes = logits.shape[1]
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise ValueError(f"targets must lie in [0, {classes}), got {y.min()} to {y.max()}")
+        z = logits.detach().numpy()
+        self.grad = np.empty_like(z)
+        loss = _loss_kernel(z, y, float(label_smoothing), self.grad)
+        return torch.tensor(loss, dtype=logits.dtype)
+
+    def backward(self) -> None:
         """The values' gradient, grouped by (codebook, pair), and its squared norm."""
         bn = self.bn
-        batch, classes = logits.shape
-        grad = torch.softmax(logits, dim=1)  # (batch, classes): softmax - smoothed target
-        grad -= label_smoothing / classes
-        grad[torch.arange(batch), targets] -= 1.0 - label_smoothing
-        grad /= batch
+        grad = self.grad  # (batch, classes): (softmax - smoothed target) / batch
+        classes = grad.shape[1]
         codebooks, pairs = bn.codebooks, bn.num_pairs
         rows_per = self.idx.shape[0] * self.idx.shape[2]
         workers = _workers(codebooks)
-        dtype = grad.numpy().dtype
+        dtype = grad.dtype
         shape = (workers, pairs, classes, codebooks, rows_per)
         if self._buffers is None or self._buffers[0] != shape:
-            self._buffers = (shape, np.zeros((workers, pairs, classes), dtype),
+            self._buffers = (shape, np.empty((workers, pairs, classes), dtype),
+                             np.zeros((workers, pairs), np.int64),
                              np.empty((codebooks, rows_per, classes), dtype),
                              np.empty((codebooks, rows_per), np.int64),
+                             np.empty((codebooks, rows_per), np.int64),
                              np.empty(codebooks, np.int64), np.empty(codebooks, np.float64))
-        _, scratch, rows, keys, count, normsq = self._buffers
-        _group_kernel(self.idx, grad.numpy(), self.scale, scratch, rows, keys, count, normsq,
-                      workers)
+        _, scratch, slot, rows, keys, fetches, count, normsq = self._buffers
+        _group_kernel(self.idx, grad, self.scale, scratch, slot, rows, keys, fetches, count,
+                      normsq, workers)
         self.normsq = normsq
 
     def grad_norm(self) -> float:
         return float(np.sqrt(self.normsq.sum()))
 
     def step(self, lr: float, max_norm: float | None) -> None:
-        """values -= lr * clip(G)."""
+        """values -= lr * clip(G); the batch's fetches are counted in ``key_usage`` (in
+        training with frozen keys, as ``KeyValueBottleneck.fetch`` does)."""
         factor = 1.0
         if max_norm is not None:
             factor = min(1.0, max_norm / (self.grad_norm() + 1e-6))
-        _, _, rows, keys, count, _ = self._buffers
-        _apply_kernel(self.bn.values.detach().numpy(), rows, keys, count, -lr * factor,
-                      _workers(self.bn.codebooks))
+        _, _, _, rows, keys, fetches, count, _ = self._buffers
+        bn = self.bn
+        record = bool(bn.keys_frozen) and self.model.training
+        usage = bn.key_usage if record else torch.zeros(1, 1, dtype=torch.long)
+        _apply_kernel(bn.values.detach().numpy(), rows, keys, count, -lr * factor, usage.numpy(),
+                      fetches, record, _workers(bn.codebooks))

@@ -132,13 +132,13 @@ class KVBStrategy(SupervisedTemplate):
 
     def criterion(self):
         if self._fusing():
-            with torch.no_grad():
-                return self._criterion(self.mb_output, self.mb_y)
+            return self._fused_step.loss(self.mb_output, self.mb_y,
+                                         self._criterion.label_smoothing)
         return super().criterion()
 
     def backward(self) -> None:
         if self._fusing():
-            self._fused_step.backward(self.mb_output, self.mb_y, self._criterion.label_smoothing)
+            self._fused_step.backward()
         else:
             super().backward()
 
@@ -162,9 +162,11 @@ class CountingRegimeWarning(SupervisedPlugin):
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         self._sum, self._count = 0.0, 0
+        self._last = strategy.clock.train_exp_epochs == strategy.train_epochs - 1
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
-        if isinstance(strategy.mb_output, torch.Tensor) and strategy.mb_output.dim() == 2:
+        if (self._last and isinstance(strategy.mb_output, torch.Tensor)
+                and strategy.mb_output.dim() == 2):
             r = regime(strategy.mb_output)
             self._sum += float(r.sum())
             self._count += len(r)

@@ -73,7 +73,7 @@ def make_evaluator(loggers: Sequence[BaseLogger] = (), kvb: bool = False) -> Eva
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
-        loss_metrics(epoch=True, stream=True),
+        loss_metrics(stream=True),
         *(kvb_metrics() if kvb else []),
         loggers=list(loggers),
     )
