@@ -54,13 +54,12 @@ def _vote_kernel(values, idx, partial):
                         partial[g, b, d] += values[c, p, d]
 
 
-def _group_kernel(idx, grad, scale, scratch, slot, rows, keys, fetches, count, normsq,
-                  workers):
+def _group_kernel(idx, grad, scale, slot, rows, keys, fetches, count, normsq, workers):
     """Per codebook c: G[c, p] = scale * sum of grad[b] over the (b, k) with idx[b, c, k] = p,
     written compactly: rows[c, :count[c]] (the sums) at keys[c, :count[c]] (the pairs), in
     first-seen order, with fetches[c, u] the times pair keys[c, u] was fetched;
-    normsq[c] = their squared norm. scratch (workers, pairs, classes) and slot (workers,
-    pairs; 0, or a pair's place u + 1) are a worker's own tables, in cache; slot is left 0.
+    normsq[c] = their squared norm. slot (workers, pairs) is a worker's own table of the
+    place u + 1 of each pair seen in the codebook (0: not seen), in cache, left all 0.
     (The key-usage table is counted in the update, which touches the same pairs.)"""
     batch, codebooks, topk = idx.shape
     classes = grad.shape[1]
@@ -79,17 +78,15 @@ def _group_kernel(idx, grad, scale, scratch, slot, rows, keys, fetches, count, n
                         keys[c, u] = p
                         fetches[c, u] = 0
                         for d in range(classes):
-                            scratch[w, p, d] = 0.0
+                            rows[c, u, d] = 0.0
                     fetches[c, u] += 1
                     for d in range(classes):
-                        scratch[w, p, d] += scale * grad[b, d]
+                        rows[c, u, d] += scale * grad[b, d]
             total = 0.0
             for u in range(n):
-                p = keys[c, u]
-                slot[w, p] = 0
+                slot[w, keys[c, u]] = 0
                 for d in range(classes):
-                    rows[c, u, d] = scratch[w, p, d]
-                    total += scratch[w, p, d] * scratch[w, p, d]
+                    total += rows[c, u, d] * rows[c, u, d]
             count[c] = n
             normsq[c] = total
 
@@ -182,6 +179,7 @@ class FusedVotingStep:
         self.model, self.bn = model, bn
         self.scale = 1.0 if model.decoder.reduction == "sum" else 1.0 / (bn.codebooks * bn.topk)
         self._buffers: tuple | None = None
+        self._partial: np.ndarray | None = None  # (groups, batch, classes) vote sums
         self.idx: np.ndarray | None = None
         self.normsq: np.ndarray | None = None
 
@@ -193,11 +191,12 @@ class FusedVotingStep:
         if self.idx.ndim != 3 or self.idx.shape[1] != bn.codebooks or (self.idx.size and (
                 self.idx.min() < 0 or self.idx.max() >= bn.num_pairs)):
             bn.check_indices(codes, name="x (cached codes)")  # raises, naming the problem
-        batch, codebooks, _ = codes.shape
-        classes = bn.values.shape[2]
-        partial = np.empty((-(-codebooks // GROUP), batch, classes),
-                           dtype=bn.values.detach().numpy().dtype)
-        _vote_kernel(bn.values.detach().numpy(), self.idx, partial)
+        values = bn.values.detach().numpy()
+        shape = (-(-bn.codebooks // GROUP), codes.shape[0], values.shape[2])
+        if self._partial is None or self._partial.shape != shape:
+            self._partial = np.empty(shape, dtype=values.dtype)
+        partial = self._partial
+        _vote_kernel(values, self.idx, partial)
         return torch.from_numpy(partial.sum(0) * self.scale)  # over the groups, in order
 
     def loss(self, logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
@@ -221,17 +220,16 @@ class FusedVotingStep:
         rows_per = self.idx.shape[0] * self.idx.shape[2]
         workers = _workers(codebooks)
         dtype = grad.dtype
-        shape = (workers, pairs, classes, codebooks, rows_per)
+        shape = (workers, pairs, classes, codebooks, rows_per, grad.dtype)
         if self._buffers is None or self._buffers[0] != shape:
-            self._buffers = (shape, np.empty((workers, pairs, classes), dtype),
-                             np.zeros((workers, pairs), np.int64),
+            self._buffers = (shape, np.zeros((workers, pairs), np.int64),
                              np.empty((codebooks, rows_per, classes), dtype),
                              np.empty((codebooks, rows_per), np.int64),
                              np.empty((codebooks, rows_per), np.int64),
                              np.empty(codebooks, np.int64), np.empty(codebooks, np.float64))
-        _, scratch, slot, rows, keys, fetches, count, normsq = self._buffers
-        _group_kernel(self.idx, grad, self.scale, scratch, slot, rows, keys, fetches, count,
-                      normsq, workers)
+        _, slot, rows, keys, fetches, count, normsq = self._buffers
+        _group_kernel(self.idx, grad, self.scale, slot, rows, keys, fetches, count, normsq,
+                      workers)
         self.normsq = normsq
 
     def grad_norm(self) -> float:
@@ -243,7 +241,7 @@ class FusedVotingStep:
         factor = 1.0
         if max_norm is not None:
             factor = min(1.0, max_norm / (self.grad_norm() + 1e-6))
-        _, _, _, rows, keys, fetches, count, _ = self._buffers
+        _, _, rows, keys, fetches, count, _ = self._buffers
         bn = self.bn
         record = bool(bn.keys_frozen) and self.model.training
         usage = bn.key_usage if record else torch.zeros(1, 1, dtype=torch.long)
