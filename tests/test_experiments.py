@@ -66,7 +66,7 @@ def test_defaults_are_the_papers_bottleneck_and_every_registered_strategy():
     ({"n_experiences": 3}, "n_experiences", "n_experiences must divide the 10 classes, got 3"),
     ({"topk": 5000}, "topk", "topk (5000) must be <= num_pairs (4096)"),
     ({"dim_values": 12}, "dim_values", "dim_values must equal the number of classes (10)"),
-    ({"encoder": "vit"}, "encoder", "encoder 'vit' is not a known encoder"),
+    ({"encoder": "vit"}, "encoder", "encoder: unknown encoder 'vit'"),
     ({"weights": "/no/such/file.pt"}, "weights", "weights /no/such/file.pt: no such file"),
     ({"num_pairz": 4}, "num_pairz", "num_pairz is not a field of ExperimentConfig (did you "
                                     "mean num_pairs?)"),

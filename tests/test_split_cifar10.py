@@ -141,7 +141,7 @@ def _bad_weights(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--strategies", "kvb", "icarl"], "unknown strategy 'icarl'"),
-    (["--encoder", "vit"], "--encoder 'vit' is not a known encoder"),
+    (["--encoder", "vit"], "--encoder: unknown encoder 'vit'"),
     (["--key-init-data", "imagenet"], "invalid choice: 'imagenet'"),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),

@@ -21,7 +21,11 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from kvb_avalanche.benchmarks.cifar import NUM_CLASSES, load_cifar
+from kvb_avalanche.device import resolve_device
 from kvb_avalanche.encoders import Encoder, build_encoder, cached_embeddings, embed_images
+
+# the preprocessing of this project's own encoders, left out of their cache keys
+DEFAULT_PREPROCESSING = Encoder("", None, 0, "")
 
 KEY_INIT_DATA = ("cifar100", "cifar10", "none")
 
@@ -43,7 +47,7 @@ class DataOptions:
     root: Path | None = None  # a data root (see load_cifar); None: the default roots
     download: bool = False  # fetch with torchvision when no local copy is found
     cache_dir: Path | None = None  # None: default_cache_dir()
-    device: str | torch.device = "cpu"
+    device: str = "cpu"  # see kvb_avalanche.device: auto, cpu, cuda, cuda:N, mps
     progress: bool = True
 
 
@@ -63,20 +67,28 @@ class EmbeddedSplits:
         return self.train[0].shape[1]
 
 
-def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int,
+def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int | None = None,
                 max_per_class: int | None = None, options: DataOptions = DataOptions()
                 ) -> tuple[Tensor, Tensor, dict]:
-    """(embeddings float32 (n, dim), labels int64 (n,), record) of one CIFAR split, cached."""
+    """(embeddings float32 (n, dim), labels int64 (n,), record) of one CIFAR split, cached.
+    ``resolution`` defaults to the encoder's."""
     cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
     progress = options.progress
+    resolution = resolution or encoder.resolution
     data = load_cifar(name, split, root=options.root, download=options.download,
                       max_per_class=max_per_class, progress=progress,
                       cache_dir=cache_dir / "data")
     meta = {"dataset": name, "split": split, "data": data.identity, "encoder": encoder.name,
             "weights": encoder.weights_id, "resolution": resolution}
+    preprocessing = encoder.preprocessing(resolution)
+    if preprocessing != DEFAULT_PREPROCESSING.preprocessing(resolution):
+        meta["preprocessing"] = preprocessing  # (our own encoders keep their cache keys)
+    device = resolve_device(str(options.device))
+    if device.type != "cpu":  # another device (and autocast) gives other float rounding
+        meta["device"] = {"type": device.type, "autocast": device.type == "cuda" and encoder.amp}
     x, cache_id = cached_embeddings(
         cache_dir / "embeddings", meta,
-        lambda: embed_images(encoder, data.images, resolution, device=options.device,
+        lambda: embed_images(encoder, data.images, resolution, device=device,
                              progress=progress, desc=f"embedding {name} {split} at {resolution}px"),
     )
     record = {"source": data.source, "images": len(data.labels), "data_identity": data.identity,
@@ -89,7 +101,7 @@ def embed_cifar(
     *,
     encoder: str | Encoder = "efficientnet_lite0",
     weights: Path | None = None,
-    resolution: int = 64,
+    resolution: int | None = None,
     max_per_class: int | None = None,
     test_max_per_class: int | None = None,
     key_init_data: str | None = None,
@@ -114,7 +126,9 @@ def embed_cifar(
                                         max_per_class=key_init_max_per_class, **common)
     return EmbeddedSplits(
         (xtr, ytr), (xte, yte), key_init, NUM_CLASSES[dataset],
-        {"name": enc.name, "dim": enc.dim, "weights": enc.weights_id},
+        {"name": enc.name, "dim": enc.dim, "weights": enc.weights_id,
+         "preprocessing": enc.preprocessing(resolution),
+         "device": str(resolve_device(str(options.device)))},
         {f"{dataset}_train": rtr, f"{dataset}_test": rte, "key_init": rkey},
     )
 
@@ -153,7 +167,7 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     *,
     encoder: str = "efficientnet_lite0",
     weights: Path | None = None,
-    resolution: int = 64,
+    resolution: int | None = None,
     seed: int | None = None,
     fixed_class_order: Sequence[int] | None = None,
     max_per_class: int | None = None,
@@ -162,7 +176,7 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     dataset_root: Path | None = None,
     download: bool = False,
     cache_dir: Path | None = None,
-    device: str | torch.device = "cpu",
+    device: str = "auto",
     progress: bool = True,
     dataset: str = "cifar10",
 ) -> Any:
@@ -172,9 +186,11 @@ def SplitCIFAR10Embedded(  # noqa: N802 (named like Avalanche's generators)
     The class order is ``fixed_class_order``, else a permutation seeded by ``seed``, else
     0 .. 9. Images are read from ``dataset_root`` (else ``$KVB_DATA_ROOT``, else Avalanche's
     ``default_dataset_location``; ``download=True`` fetches them there), embedded at
-    ``resolution`` px by ``encoder`` (a name of :data:`kvb_avalanche.encoders.ENCODERS`,
-    with ``weights`` a local weights file) on ``device``, and cached in ``cache_dir``
-    (default :func:`default_cache_dir`).
+    ``resolution`` px (default: the encoder's) by ``encoder`` (one of
+    :data:`kvb_avalanche.encoders.ENCODERS`, or ``timm:NAME``,
+    ``torchvision:MODEL:WEIGHTS``, ``open_clip:ARCH:PRETRAINED``; ``weights`` a local
+    weights file) on ``device``, and cached in ``cache_dir`` (default
+    :func:`default_cache_dir`).
 
     Returns an Avalanche benchmark whose experiences hold ``(embedding, label)`` pairs,
     with two more attributes: ``key_init_data``, unlabelled embeddings of the train split

@@ -177,11 +177,17 @@ class ExperimentConfig(BaseConfig):
         registry="kvb_avalanche.experiments.strategies:STRATEGIES"))
     # data and encoder
     encoder: str = field(default="efficientnet_lite0", metadata=describe(
-        "frozen encoder (a name of kvb_avalanche.encoders.ENCODERS)", metavar="NAME"))
+        "frozen encoder: efficientnet_lite0, efficientnet_lite2, resnet50, timm:NAME, "
+        "torchvision:MODEL:WEIGHTS or open_clip:ARCH:PRETRAINED", metavar="NAME"))
     weights: Path | None = field(default=None, metadata=describe(
-        "encoder weights file (state dict); default: the encoder's own"))
-    resolution: int = field(default=64, metadata=describe(
-        "encoder input size in px (see results/encoder_resolution)"))
+        "local encoder weights file (state dict, .safetensors); default: the encoder's own "
+        "(downloaded for library names)"))
+    resolution: int | None = field(default=None, metadata=describe(
+        "encoder input size in px; default: the encoder's (64 for our own names, see "
+        "results/encoder_resolution; the pretrained one for library names)"))
+    device: str = field(default="auto", metadata=describe(
+        "where embeddings, keys and training run: auto (cuda if available), cpu, cuda, "
+        "cuda:N, mps"))
     max_per_class: int | None = field(default=None, metadata=describe(
         "use at most this many training images per class"))
     test_max_per_class: int | None = field(default=None, metadata=describe(
@@ -232,13 +238,16 @@ class ExperimentConfig(BaseConfig):
         return self.num_classes if self.dim_values is None else self.dim_values
 
     def validate(self) -> None:
-        from kvb_avalanche.encoders import ENCODERS
+        from kvb_avalanche.device import check_device
+        from kvb_avalanche.encoders import check_encoder
         from kvb_avalanche.experiments.strategies import STRATEGIES
 
         _known_strategies(self, STRATEGIES)
-        if self.encoder not in ENCODERS:
-            raise ConfigError("encoder", f"{{encoder}} {self.encoder!r} is not a known encoder; "
-                              f"choose from {', '.join(ENCODERS)}")
+        for name, check in (("encoder", check_encoder), ("device", check_device)):
+            try:
+                check(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(name, f"{{{name}}}: {e}") from e
         _positive(self, "n_experiences", "kvb_epochs", "epochs", "batch_size", "buffer_size",
                   "codebooks", "num_pairs", "dim_keys", "dim_values", "topk", "resolution",
                   "hidden", "max_per_class", "test_max_per_class", "key_init_max_per_class",

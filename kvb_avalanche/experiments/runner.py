@@ -33,6 +33,7 @@ from kvb_avalanche.benchmarks.embedded import (
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
 from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.device import resolve_device
 from kvb_avalanche.encoders import build_encoder
 from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig, ToyConfig
 from kvb_avalanche.experiments.records import MatrixRow, RunRecord, RunStore
@@ -63,7 +64,6 @@ class RunOptions:
     download: bool = False  # fetch the data with torchvision when no copy is found
     progress: bool = True  # progress bars and Avalanche's interactive logger
     overwrite: bool = False  # discard OUT's runs of another configuration
-    device: str = "cpu"
 
 
 # ---------------------------------------------------------------------------- one stream
@@ -158,8 +158,10 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
     needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
     try:
         encoder = build_encoder(config.encoder, config.weights)
-    except ValueError as e:  # a weights file that does not fit the encoder
-        raise ConfigError("weights", f"{{weights}}: {e}") from e
+    except ValueError as e:  # a name or weights file the library refuses
+        name = "weights" if config.weights is not None and str(config.weights) in str(e) \
+            else "encoder"
+        raise ConfigError(name, f"{{{name}}}: {e}") from e
     return embed_cifar(
         config.dataset, encoder=encoder,
         resolution=config.resolution, max_per_class=config.max_per_class,
@@ -167,7 +169,15 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         key_init_data=config.key_init_data if needs_keys else None,
         key_init_max_per_class=config.key_init_max_per_class,
         options=DataOptions(options.data_root, options.download, options.cache_dir,
-                            options.device, options.progress))
+                            str(device_of(config)), options.progress))
+
+
+def device_of(config: ExperimentConfig) -> torch.device:
+    """The configuration's device on this machine; ConfigError if it has none."""
+    try:
+        return resolve_device(config.device)
+    except ValueError as e:
+        raise ConfigError("device", f"{{device}}: {e}") from e
 
 
 def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:
@@ -195,8 +205,10 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
                        kmeans_iters=config.kmeans_iters, seed=seed)
     model = KVBModel(None, bn, VotingDecoder(config.num_classes))
-    KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(model)
-    return bn
+    device = device_of(config)
+    KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(
+        model.to(device), device=device)
+    return bn.cpu()
 
 
 def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str, seed: int,
@@ -224,7 +236,7 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     evaluator = make_evaluator(loggers, kvb=spec.uses_bottleneck)
     ctx = BuildContext(config, seed, data.dim, config.num_classes, evaluator,
                        copy.deepcopy(bottleneck) if spec.uses_bottleneck else None,
-                       codes if spec.uses_bottleneck else None)
+                       codes if spec.uses_bottleneck else None, device_of(config))
     strategy = spec.build(ctx)
     try:
         if spec.joint:  # i.i.d. upper bound: all classes at once, then the same evaluation
@@ -315,12 +327,14 @@ def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | No
     Raises ConfigError, DataError or ValueError before anything is written to ``out``.
     """
     options = options or RunOptions()
+    device = device_of(config)
     store = RunStore(out, config.to_dict(), options.overwrite)
     store.check()
     bench = Workbench(options)
     data = bench.data(config)
     store.open({"kind": config.kind, "options": {k: str(v) for k, v in vars(options).items()},
-                "versions": versions(), "encoder": data.encoder, "data": data.record})
+                "device": str(device), "versions": versions(), "encoder": data.encoder,
+                "data": data.record})
     records = []
     for seed in config.seeds:
         for name in config.strategies:

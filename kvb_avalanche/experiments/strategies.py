@@ -43,11 +43,12 @@ class BuildContext:
     evaluator: EvaluationPlugin
     bottleneck: KeyValueBottleneck | None = None
     codes: FrozenCodesPlugin | None = None
+    device: torch.device = torch.device("cpu")
 
     def common(self) -> dict:
         """Keyword arguments every CIFAR strategy shares."""
         return dict(train_mb_size=self.config.batch_size, eval_mb_size=1024,
-                    evaluator=self.evaluator)
+                    evaluator=self.evaluator, device=self.device)
 
 
 @dataclass(frozen=True)
