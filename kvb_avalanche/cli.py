@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from kvb_avalanche.benchmarks.cifar import DataError
 from kvb_avalanche.experiments.config import (
+    BENCHMARK_DEFAULTS,
     QUICK,
     BaseConfig,
     ConfigError,
@@ -38,15 +39,17 @@ log = logging.getLogger("kvb_avalanche")
 
 # ---------------------------------------------------------------------------- flags
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[BaseConfig],
-                     skip: tuple[str, ...] = ()) -> None:
-    """A flag for every field of ``cls``, with its type, choices and help. Defaults are left
-    out (argparse.SUPPRESS), so the flags given can be told from the rest."""
+                     skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """A flag for every field of ``cls``, with its type, choices and help (which shows
+    ``defaults`` over the class's). Defaults are left out (argparse.SUPPRESS), so the flags
+    given can be told from the rest."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name,
                                       help=f"{f.metadata.get('help', '')} (default: "
                                            f"{_shown(default)})")
@@ -119,7 +122,10 @@ def check_out(out: Path) -> None:
 def _split(args: argparse.Namespace, benchmark: str) -> Any:
     from kvb_avalanche.experiments.runner import run_experiment
 
-    base = {"benchmark": benchmark, **(QUICK if args.quick else {})}
+    base = {"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
+            **(QUICK if args.quick else {})}
+    if args.quick and benchmark == "split_cifar100":
+        base["n_experiences"] = 10  # 100 images a class: 10 experiences of 10 classes
     config = config_from(args, ExperimentConfig, base)
     check_out(args.out)
     table = run_experiment(config, args.out, options_from(args))
@@ -202,17 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "Avalanche's baselines on the same frozen features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    split = sub.add_parser("split-cifar10", help="class-incremental split CIFAR-10",
-                           description="Class-incremental split CIFAR-10 on frozen embeddings: "
-                                       "KVB against Avalanche's baselines.")
-    split.add_argument("--out", type=Path, required=True, help="output folder")
-    split.add_argument("--quick", action="store_true",
-                       help="tiny end-to-end run: 100 train / 50 test images a class, 32 px, "
-                            "small bottleneck, few epochs (for tests and a first look); flags "
-                            "given explicitly win")
-    add_config_flags(split, ExperimentConfig, skip=("benchmark",))
-    add_run_flags(split)
-    split.set_defaults(func=lambda a: _split(a, "split_cifar10"), parser=split)
+    for benchmark, what in (("split_cifar10", "CIFAR-10 (default: 5 experiences of 2 classes, "
+                                               "keys fitted on CIFAR-100)"),
+                            ("split_cifar100", "CIFAR-100 (default: 50 experiences of 2 "
+                                               "classes, keys fitted on CIFAR-10)")):
+        command = benchmark.replace("_", "-")
+        split = sub.add_parser(command, help=f"class-incremental split {what.split(' (')[0]}",
+                               description=f"Class-incremental split {what} on frozen "
+                                           "embeddings: KVB against Avalanche's baselines.")
+        split.add_argument("--out", type=Path, required=True, help="output folder")
+        split.add_argument("--quick", action="store_true",
+                           help="tiny end-to-end run: 100 train / 50 test images a class, 32 px, "
+                                "small bottleneck, few epochs (for tests and a first look); "
+                                "flags given explicitly win")
+        add_config_flags(split, ExperimentConfig, skip=("benchmark",),
+                         defaults=BENCHMARK_DEFAULTS[benchmark])
+        add_run_flags(split)
+        split.set_defaults(func=lambda a, b=benchmark: _split(a, b), parser=split)
 
     toy = sub.add_parser("toy-2d", help="the paper's 2-D toy (Fig. 2)",
                          description="The paper's 2-D toy: 8 Gaussian blobs learned 2 classes "

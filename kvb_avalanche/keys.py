@@ -33,7 +33,7 @@ class KeyFitConfig:
         dead_code_threshold: a key whose EMA usage falls below this fraction of a uniform
             share (``threshold / num_pairs``) is replaced by a random embedding of the batch.
         kmeans_start: start from Lloyd k-means on up to ``kmeans_samples`` embeddings.
-        kmeans_iters: Lloyd iterations.
+        kmeans_iters: Lloyd iterations (0: the keys stay the sampled embeddings).
         kmeans_samples: embeddings gathered from the loader for the Lloyd start.
         seed: seeds the Lloyd start and the dead-code replacement.
     """
@@ -94,13 +94,14 @@ def lloyd_start(
         keys = keys + 1e-3 * keys.std() * torch.randn(keys.shape, generator=generator)
     bn.keys.copy_(keys)
     counts = sums = None
-    for _ in tqdm(range(max(1, iters)), desc="fitting keys (Lloyd k-means start)",
-                  disable=not progress):
+    for _ in tqdm(range(iters), desc="fitting keys (Lloyd k-means start)", disable=not progress):
         idx = bn.nearest(z, topk=1).indices[..., 0]  # (n, codebooks)
         counts, sums = _assign_stats(z, idx, bn.num_pairs)
         filled = counts > 0
         means = sums / counts.clamp_min(1)[..., None]
         bn.keys.copy_(torch.where(filled[..., None], means, bn.keys))
+    if counts is None:  # iters=0: keys stay the sampled points; assign once for the EMA state
+        counts, _ = _assign_stats(z, bn.nearest(z, topk=1).indices[..., 0], bn.num_pairs)
     # EMA state as per-sample fractions, consistent with the keys (empty clusters: count 0).
     bn.ema_counts.copy_(counts / n)
     bn.ema_sums.copy_(bn.keys * bn.ema_counts[..., None])

@@ -77,3 +77,10 @@ def frozen_conv_encoder(dim: int = 16, seed: int = 0) -> torch.nn.Module:
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if SHARED_DATA.is_dir():  # tests (and the scripts they start) read CIFAR from here
     os.environ.setdefault("KVB_DATA_ROOT", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def cifar_cache(tmp_path_factory):
+    """One embedding and decoded-image cache for every test that reads ../shared/data, so
+    each archive is decoded once per session."""
+    return tmp_path_factory.mktemp("kvb-cache")

@@ -189,14 +189,14 @@ needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
 
 
 @needs_cifar
-def test_experiment_on_a_timm_backbone_records_it(vit_weights, tmp_path):
+def test_experiment_on_a_timm_backbone_records_it(vit_weights, tmp_path, cifar_cache):
     from kvb_avalanche.cli import main
 
     _, folder = vit_weights
     weights = folder / "test_vit.safetensors"
     out = tmp_path / "run"
     main(["split-cifar10", "--quick", "--out", str(out), "--seeds", "0", "--no-progress",
-          "--cache-dir", str(tmp_path / "cache"), "--strategies", "kvb", "linear_probe",
+          "--cache-dir", str(cifar_cache), "--strategies", "kvb", "linear_probe",
           "--encoder", "timm:test_vit", "--weights", str(weights), "--resolution", "160",
           "--max-per-class", "20", "--test-max-per-class", "10", "--device", "cpu"])
     record = json.loads((out / "config.json").read_text())
@@ -210,12 +210,12 @@ def test_experiment_on_a_timm_backbone_records_it(vit_weights, tmp_path):
     assert set(summary.index) == {"kvb", "linear_probe"}
     assert summary["final_accuracy"].between(0, 1).all()
     # the embedding cache is keyed by the preprocessing: another resolution, other entries
-    before = set((tmp_path / "cache" / "embeddings").glob("*.pt"))
+    before = set((cifar_cache / "embeddings").glob("*.pt"))
     main(["split-cifar10", "--quick", "--out", str(tmp_path / "run2"), "--seeds", "0",
-          "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--strategies",
+          "--no-progress", "--cache-dir", str(cifar_cache), "--strategies",
           "linear_probe", "--encoder", "timm:test_vit", "--weights", str(weights),
           "--max-per-class", "20", "--test-max-per-class", "10", "--resolution", "128"])
-    assert len(set((tmp_path / "cache" / "embeddings").glob("*.pt")) - before) == 2
+    assert len(set((cifar_cache / "embeddings").glob("*.pt")) - before) == 2
 
 
 def test_unavailable_device_is_refused_before_any_file(tmp_path, capsys):

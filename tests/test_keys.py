@@ -48,3 +48,49 @@ def test_fit_is_reproducible_for_a_seed():
         fit_keys(bn, [points[:160], points[160:]], KeyFitConfig(epochs=3, seed=7), progress=False)
         runs.append(bn.keys.clone())
     assert torch.equal(*runs)
+
+
+def test_zero_lloyd_iterations_keep_the_sampled_points():
+    """kmeans_iters=0: the start is sampled embeddings, not one Lloyd update of them."""
+    from kvb_avalanche.keys import lloyd_start
+
+    bn = KeyValueBottleneck(6, 3, 8, 2, 4, seed=0)
+    z = bn.project(torch.randn(200, 6))  # (n, codebooks, dim_keys)
+    lloyd_start(bn, z, 0, torch.Generator().manual_seed(0))
+
+    def sampled(c):  # whether every key of codebook c is one of its heads, exactly
+        return bool((bn.keys[c][:, None] == z[None, :, c]).all(-1).any(1).all())
+
+    assert all(sampled(c) for c in range(3))
+    torch.testing.assert_close(bn.ema_counts.sum(1), torch.ones(3))
+    lloyd_start(bn, z, 2, torch.Generator().manual_seed(0))
+    assert not all(sampled(c) for c in range(3))
+
+
+def test_official_key_init_preset(monkeypatch):
+    """key_init='official': Gaussian keys, no Lloyd start, EMA epochs at threshold 0.1."""
+    import kvb_avalanche.keys as keys
+    from kvb_avalanche.benchmarks.embedded import EmbeddedSplits
+    from kvb_avalanche.experiments import ExperimentConfig
+    from kvb_avalanche.experiments.runner import fit_bottleneck, key_identity
+
+    def no_lloyd(*args, **kwargs):
+        raise AssertionError("the official preset has no Lloyd start")
+
+    seen = []
+    real_step = keys.ema_step
+    monkeypatch.setattr(keys, "lloyd_start", no_lloyd)
+    monkeypatch.setattr(keys, "ema_step", lambda bn, z, cfg, g: seen.append(cfg) or
+                        real_step(bn, z, cfg, g))
+    x = torch.randn(300, 12)
+    data = EmbeddedSplits((x, torch.arange(300) % 10), (x, torch.arange(300) % 10), x, 10,
+                          {}, {})
+    config = ExperimentConfig(key_init="official", key_epochs=3, codebooks=4, num_pairs=16,
+                              dim_keys=3, batch_size=100, strategies=("kvb",))
+    bn = fit_bottleneck(config, data, seed=0, progress=False)
+    assert len(seen) == 3 * 3 and all(c.dead_code_threshold == 0.1 and c.decay == 0.95
+                                      and not c.kmeans_start for c in seen)
+    assert bn.fit_stats["ema_steps"] == 9 and bool(bn.keys_frozen)
+    start = KeyValueBottleneck(12, 4, 16, 3, 10, key_init="random", seed=0).keys
+    assert not torch.equal(bn.keys, start)  # fitted from the Gaussian start
+    assert key_identity(config, 0) != key_identity(config.replace(key_init="ours"), 0)

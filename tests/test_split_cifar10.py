@@ -32,8 +32,8 @@ def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("embedding-cache")
+def cache(cifar_cache):
+    return cifar_cache
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def write_spec(path: Path, spec: dict = SPEC) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("sweep-cache")
+def cache(cifar_cache):
+    return cifar_cache
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,11 @@ from typing import Any, ClassVar, Literal
 from kvb_avalanche.benchmarks.cifar import NUM_CLASSES
 
 BENCHMARKS = {"split_cifar10": "cifar10", "split_cifar100": "cifar100"}
+# what each benchmark changes from ExperimentConfig's defaults (the paper's settings)
+BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "split_cifar10": {},
+    "split_cifar100": {"n_experiences": 50, "key_init_data": "cifar10"},
+}
 
 
 class ConfigError(ValueError):
@@ -211,10 +216,16 @@ class ExperimentConfig(BaseConfig):
         "KVB epochs per experience (flat from 1 to 100: results/kvb_epochs)"))
     mask_unused_keys: bool = field(default=False, metadata=describe(
         "at evaluation, search only keys trained on (official deactivate_counts)"))
+    key_init: Literal["ours", "official"] = field(default="ours", metadata=describe(
+        "key fitting: ours (a Lloyd k-means start on kmeans_samples embeddings, kmeans_iters "
+        "iterations, then key_epochs EMA epochs, dead-code threshold 0.05 of a uniform share) "
+        "or official (the authors' code: random Gaussian keys, then key_epochs EMA epochs, "
+        "decay 0.95, dead-code threshold 0.1 x batch / pairs; they run 10 epochs)"))
     key_epochs: int = field(default=2, metadata=describe("EMA k-means epochs fitting the keys"))
     kmeans_samples: int = field(default=8192, metadata=describe(
-        "embeddings for the Lloyd k-means start of the keys"))
-    kmeans_iters: int = field(default=3, metadata=describe("Lloyd k-means iterations"))
+        "embeddings for the Lloyd k-means start of the keys (key_init ours)"))
+    kmeans_iters: int = field(default=3, metadata=describe(
+        "Lloyd k-means iterations (key_init ours; 0: keys are the sampled embeddings)"))
     # baselines
     epochs: int = field(default=10, metadata=describe("baseline epochs per experience"))
     lr: float = field(default=1e-3, metadata=describe("baselines' Adam learning rate"))
@@ -224,6 +235,16 @@ class ExperimentConfig(BaseConfig):
     ewc_lambda: float = field(default=1000.0, metadata=describe("EWC penalty weight"))
     lwf_alpha: float = field(default=1.0, metadata=describe("LwF distillation weight"))
     lwf_temperature: float = field(default=2.0, metadata=describe("LwF temperature"))
+
+    @classmethod
+    def for_benchmark(cls, benchmark: str, **changes: Any) -> ExperimentConfig:
+        """The defaults of ``benchmark`` (split CIFAR-100: 50 experiences of 2 classes, keys
+        fitted on CIFAR-10, as the paper), with ``changes`` over them."""
+        if benchmark not in BENCHMARK_DEFAULTS:
+            raise ConfigError("benchmark", f"{{benchmark}} must be one of "
+                              f"{', '.join(BENCHMARK_DEFAULTS)}, got {benchmark!r}")
+        return cls.from_dict({"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
+                              **changes})
 
     @property
     def dataset(self) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -169,15 +170,30 @@ def expectations(summary: pd.DataFrame, matrix: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- figures
-def plot_curves(matrix: pd.DataFrame, path: Path, title: str) -> None:
-    """One panel per strategy: accuracy on each experience as training proceeds (seed mean)."""
+def _strategy_panels(matrix: pd.DataFrame, size: tuple[float, float], xlabel: str,
+                     ylabel: str, **subplots: Any) -> tuple[Any, Any, list[tuple[Any, str]]]:
+    """A grid of panels, one per strategy of ``matrix`` (at most 4 a row), axes labelled
+    on the outer edge; returns the figure, the axes and (panel, strategy) pairs."""
     plt = pyplot()
     strategies = list(dict.fromkeys(matrix["strategy"]))
     cols = min(4, len(strategies))
     rows = -(-len(strategies) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows), squeeze=False,
-                             sharex=True, sharey=True)
-    for ax, name in zip(axes.flat, strategies, strict=False):
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows),
+                             squeeze=False, **subplots)
+    for ax in axes.flat[len(strategies):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    return fig, axes, list(zip(axes.flat, strategies, strict=False))
+
+
+def plot_curves(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per strategy: accuracy on each experience as training proceeds (seed mean)."""
+    fig, axes, panels = _strategy_panels(matrix, (3.2, 2.7), "trained through experience",
+                                         "accuracy", sharex=True, sharey=True)
+    for ax, name in panels:
         g = matrix[matrix.strategy == name]
         mean = g.groupby(["evaluated_on", "trained_through"])["accuracy"].agg(["mean", "std"])
         for j in sorted(g.evaluated_on.unique()):
@@ -189,15 +205,29 @@ def plot_curves(matrix: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_title(name, fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(strategies):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("trained through experience")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
+    savefig(fig, path)
+
+
+def plot_heatmaps(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per strategy: the accuracy matrix (seed mean) as a heat map, rows the
+    experience trained through, columns the experience evaluated on; readable where curves
+    are not (50 experiences)."""
+    fig, axes, panels = _strategy_panels(matrix, (3.4, 3.2), "evaluated on experience",
+                                         "trained through")
+    image = None
+    for ax, name in panels:
+        grid = (matrix[matrix.strategy == name]
+                .groupby(["trained_through", "evaluated_on"])["accuracy"].mean()
+                .unstack("evaluated_on"))  # (trained_through, evaluated_on)
+        image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", origin="upper",
+                          interpolation="nearest", aspect="auto")
+        ax.set_title(name, fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.suptitle(title)
     savefig(fig, path)
 
 
@@ -288,7 +318,10 @@ def write_split_reports(out: Path, records: Sequence[RunRecord], strategies: Seq
     if len(sharing):
         write_csv(sharing, out / "key_sharing.csv")
     curves = matrix[~matrix.strategy.isin(joint)]
-    if len(curves):
+    if len(curves) and curves.evaluated_on.nunique() > 10:
+        plot_heatmaps(curves, out / "accuracy_heatmaps.png",
+                      f"{title}: accuracy matrix (seed mean)")
+    elif len(curves):
         plot_curves(curves, out / "forgetting_curves.png",
                     f"{title}: accuracy on each experience as training proceeds")
     diagnostics = pd.DataFrame([row for rec in records

@@ -132,7 +132,7 @@ def run_stream(
 
 
 # ---------------------------------------------------------------------------- split CIFAR
-KEY_FIELDS = ("benchmark", "encoder", "weights", "resolution", "key_init_data",
+KEY_FIELDS = ("benchmark", "encoder", "weights", "resolution", "key_init", "key_init_data",
               "key_init_max_per_class", "codebooks", "num_pairs", "dim_keys", "dim_values",
               "topk", "key_epochs", "kmeans_samples", "kmeans_iters", "batch_size")
 # with key_init_data 'none' the keys are fitted on the first experience, which these decide
@@ -187,14 +187,17 @@ def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:
 
 def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
                    progress: bool = True) -> KeyValueBottleneck:
-    """The seed's bottleneck, keys fitted without labels by :class:`KVBPlugin` and frozen.
+    """The seed's bottleneck, keys fitted without labels by :class:`KVBPlugin` and frozen,
+    by ``config.key_init``'s procedure (ours, or the official code's).
 
     Keys are fitted on the key-initialisation data, or with ``key_init_data='none'`` on the
     first experience's training embeddings, shuffled by the seed.
     """
+    official = config.key_init == "official"
     bn = KeyValueBottleneck(data.dim, config.codebooks, config.num_pairs, config.dim_keys,
                             config.values_dim, topk=config.topk, values_init="zeros", seed=seed,
-                            mask_unused_keys=config.mask_unused_keys, sparse_grad=True)
+                            mask_unused_keys=config.mask_unused_keys, sparse_grad=True,
+                            key_init="random" if official else "kmeans")
     x = data.key_init
     if x is None:
         per_experience = config.num_classes // config.n_experiences
@@ -202,8 +205,12 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
         x = data.train[0][torch.isin(data.train[1], first)]
     perm = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
     batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
-    fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
-                       kmeans_iters=config.kmeans_iters, seed=seed)
+    if official:  # threshold 0.1 x batch / pairs on batch counts = 0.1 of a uniform share
+        fit = KeyFitConfig(epochs=config.key_epochs, decay=0.95, dead_code_threshold=0.1,
+                           kmeans_start=False, seed=seed)
+    else:
+        fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
+                           kmeans_iters=config.kmeans_iters, seed=seed)
     model = KVBModel(None, bn, VotingDecoder(config.num_classes))
     device = device_of(config)
     KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(

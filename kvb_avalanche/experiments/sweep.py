@@ -33,7 +33,12 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kvb_avalanche.experiments.config import QUICK, ConfigError, ExperimentConfig
+from kvb_avalanche.experiments.config import (
+    BENCHMARK_DEFAULTS,
+    QUICK,
+    ConfigError,
+    ExperimentConfig,
+)
 from kvb_avalanche.experiments.records import SUMMARY_COLUMNS, RunRecord, RunStore, write_json
 from kvb_avalanche.experiments.reports import (
     matrix_table,
@@ -81,7 +86,8 @@ class SweepSpec:
         out = [{}]
         for name, values in self.grid.items():
             out = [{**p, name: v} for p in out for v in values]
-        base = {**PRESETS.get(self.preset or "", {}), **self.fixed,
+        base = {**BENCHMARK_DEFAULTS[self.experiment], **PRESETS.get(self.preset or "", {}),
+                **self.fixed,
                 "benchmark": self.experiment, "seeds": list(self.seeds),
                 "strategies": list(self.strategies)}
         configs = []
