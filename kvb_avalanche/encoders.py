@@ -21,6 +21,7 @@ and verified on load: a stale or corrupt file is rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -107,17 +108,36 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
-def _load_weights(module: nn.Module, path: Path, name: str, strict: bool = True) -> None:
-    """Load a state dict into ``module``; a mismatch is an error naming the file and encoder."""
-    state = read_state_dict(path)
-    try:
-        module.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(
-            f"weights file {path} does not match encoder {name!r}: {first}. Pass a state dict "
-            f"saved from the same architecture."
-        ) from e
+def load_state(module: nn.Module, state: dict, path: Path, name: str,
+               ignore: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module``, strictly but for keys under the prefixes ``ignore``
+    (a removed classifier); a mismatch is a ValueError naming the file, the encoder and
+    the first key that does not fit, with its shapes."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state
+    own = module.state_dict()
+    problem = None
+    for key, value in own.items():
+        if key not in state:
+            problem = f"{key} {tuple(value.shape)} is missing from the file"
+        elif tuple(state[key].shape) != tuple(value.shape):
+            problem = (f"{key} is {tuple(state[key].shape)} in the file, "
+                       f"{tuple(value.shape)} in the model")
+        if problem:
+            break
+    if problem is None:
+        extra = [k for k in state if k not in own]
+        if extra:
+            problem = f"{extra[0]} {tuple(state[extra[0]].shape)} is not in the model"
+    if problem is not None:
+        raise ValueError(f"weights file {path} does not match encoder {name!r}: {problem} "
+                         f"({len(state)} tensors in the file, {len(own)} in the model). Pass "
+                         f"a state dict saved from the same architecture.")
+    module.load_state_dict(state)
+
+
+def _load_weights(module: nn.Module, path: Path, name: str, ignore: tuple[str, ...] = ()
+                  ) -> None:
+    load_state(module, read_state_dict(path), path, name, ignore)
 
 
 def _require(module: str, extra: str, name: str):
@@ -127,6 +147,12 @@ def _require(module: str, extra: str, name: str):
     except ImportError as e:
         raise ImportError(f"encoder {name!r} needs {module}: pip install "
                           f"'kvb-avalanche[{extra}]'") from e
+
+
+def _closest(name: str, known: list[str], prefix: str = "") -> str:
+    """'; did you mean ...?' with the closest known names, or ''."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
 def _offline_hint(name: str, e: Exception) -> ValueError:
@@ -159,9 +185,10 @@ def _efficientnet_lite(variant: str) -> Callable[[Path | None], Encoder]:
 def _resnet50(weights: Path | None) -> Encoder:
     import torchvision
 
-    if weights:
+    if weights:  # with or without the classifier (fc), which is dropped
         net = torchvision.models.resnet50()
-        _load_weights(net, Path(weights), "resnet50")
+        net.fc = nn.Identity()
+        _load_weights(net, Path(weights), "resnet50", ignore=("fc.",))
         weights_id = _file_sha256(Path(weights))
     else:  # downloads on a networked machine, else reads torch hub's cache
         try:
@@ -169,7 +196,7 @@ def _resnet50(weights: Path | None) -> Encoder:
         except Exception as e:  # noqa: BLE001 (a failed download, whatever its type)
             raise _offline_hint("resnet50", e) from e
         weights_id = "torchvision:ResNet50_Weights.IMAGENET1K_V2"
-    net.fc = nn.Identity()
+        net.fc = nn.Identity()
     return Encoder("resnet50", net, 2048, weights_id)
 
 
@@ -188,7 +215,9 @@ def _timm(name: str, model_name: str, weights: Path | None) -> Encoder:
         net = timm.create_model(model_name, pretrained=not weights, num_classes=0)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"encoder {name!r}: timm has no model {model_name!r} (see "
+            known = timm.list_models(pretrained=True) + timm.list_models()
+            raise ValueError(f"encoder {name!r}: timm has no model {model_name!r}"
+                             f"{_closest(model_name, known, 'timm:')} (see "
                              f"timm.list_models())") from e
         raise _offline_hint(name, e) from e
     except Exception as e:  # noqa: BLE001 (a failed download, whatever its type)
@@ -220,21 +249,12 @@ def _load_timm_file(net: nn.Module, path: Path, name: str) -> None:
             pass
     heads = net.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in heads))}
-    try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that differ
-        raise ValueError(f"weights file {path} does not match encoder {name!r}: "
-                         f"{str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0]}"
-                         ) from e
-    if missing or unexpected:
-        raise ValueError(f"weights file {path} does not match encoder {name!r}: "
-                         f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} "
-                         f"unexpected (e.g. {unexpected[:2]})")
+    load_state(net, state, path, name, ignore=tuple(h + "." for h in heads))
 
 
-def _strip_classifier(net: nn.Module, classes: int) -> int:
-    """Replace the last ``Linear(in, classes)`` by the identity; returns ``in``."""
+def _strip_classifier(net: nn.Module, classes: int) -> tuple[int, str]:
+    """Replace the last ``Linear(in, classes)`` by the identity; returns ``in`` and the
+    layer's path."""
     last = None
     for path, module in net.named_modules():
         if isinstance(module, nn.Linear) and module.out_features == classes:
@@ -244,7 +264,7 @@ def _strip_classifier(net: nn.Module, classes: int) -> int:
     path, module = last
     parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
     setattr(parent, path.rpartition(".")[2], nn.Identity())
-    return module.in_features
+    return module.in_features, path
 
 
 def _torchvision(name: str, model: str, tag: str | None, weights: Path | None) -> Encoder:
@@ -258,16 +278,19 @@ def _torchvision(name: str, model: str, tag: str | None, weights: Path | None) -
     try:
         enum = get_model_weights(model)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"encoder {name!r}: torchvision has no model {model!r} (see "
-                         f"torchvision.models.list_models())") from e
+        raise ValueError(f"encoder {name!r}: torchvision has no model {model!r}"
+                         f"{_closest(model, torchvision.models.list_models(), 'torchvision:')}"
+                         f" (see torchvision.models.list_models())") from e
     try:
         spec = enum[tag]
     except KeyError as e:
         raise ValueError(f"encoder {name!r}: {enum.__name__} has no weights {tag!r}; choose "
                          f"from {', '.join(w.name for w in enum)}") from e
-    if weights:
+    classes = len(spec.meta["categories"])
+    if weights:  # with or without the classifier, which is dropped
         net = get_model(model, weights=None)
-        _load_weights(net, Path(weights), name)
+        dim, head = _strip_classifier(net, classes)
+        _load_weights(net, Path(weights), name, ignore=(head + ".",))
         weights_id = _file_sha256(Path(weights))
     else:
         try:
@@ -275,7 +298,7 @@ def _torchvision(name: str, model: str, tag: str | None, weights: Path | None) -
         except Exception as e:  # noqa: BLE001 (a failed download, whatever its type)
             raise _offline_hint(name, e) from e
         weights_id = f"torchvision=={torchvision.__version__}:{spec}"
-    dim = _strip_classifier(net, len(spec.meta["categories"]))
+        dim, _ = _strip_classifier(net, classes)
     transforms = spec.transforms()
     interpolation = getattr(transforms, "interpolation", None)
     interpolation = "bicubic" if interpolation is not None and "BICUBIC" in str(
@@ -296,7 +319,8 @@ class _ClipImageTower(nn.Module):
 def _open_clip(name: str, arch: str, tag: str | None, weights: Path | None) -> Encoder:
     open_clip = _require("open_clip", "clip", name)
     if arch not in open_clip.list_models():
-        raise ValueError(f"encoder {name!r}: open_clip has no architecture {arch!r} (see "
+        raise ValueError(f"encoder {name!r}: open_clip has no architecture {arch!r}"
+                         f"{_closest(arch, open_clip.list_models(), 'open_clip:')} (see "
                          f"open_clip.list_models())")
     if tag is None and weights is None:
         tags = [t for a, t in open_clip.list_pretrained() if a == arch]
@@ -338,7 +362,8 @@ def _split(name: str) -> tuple[str | None, list[str]]:
         raise ValueError(f"encoder must be a name ({forms}), got {name!r}")
     if ":" not in name:
         if name not in ENCODERS:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {forms}")
+            raise ValueError(f"unknown encoder {name!r}{_closest(name, list(ENCODERS))}; "
+                             f"choose one of {forms}")
         return None, [name]
     prefix, _, rest = name.partition(":")
     parts = rest.split(":")
@@ -376,6 +401,22 @@ def build_encoder(name: str, weights: Path | None = None) -> Encoder:
         encoder = _open_clip(name, parts[0], parts[1] if len(parts) > 1 else None, weights)
     encoder.module.eval().requires_grad_(False)
     return encoder
+
+
+@torch.inference_mode()
+def check_resolution(encoder: Encoder, resolution: int | None) -> None:
+    """ValueError unless ``encoder`` takes ``resolution`` px images (one blank image tried
+    on the CPU: a ViT takes only its own size, a CNN needs a few pixels per stride)."""
+    resolution = resolution or encoder.resolution
+    try:
+        out = encoder.module.cpu()(torch.zeros(1, 3, resolution, resolution))
+    except Exception as e:  # noqa: BLE001 (whatever the model raises, it cannot take it)
+        raise ValueError(f"resolution {resolution} px does not fit encoder {encoder.name!r} "
+                         f"(its own input size is {encoder.resolution} px): "
+                         f"{str(e).splitlines()[0]}") from e
+    if out.shape[-1] != encoder.dim:
+        raise ValueError(f"resolution {resolution} px gives encoder {encoder.name!r} "
+                         f"embeddings of {out.shape[-1]}, not {encoder.dim}")
 
 
 def preprocess(images: np.ndarray | Tensor, resolution: int,

@@ -247,3 +247,85 @@ def test_committed_seed0_summary_is_reproduced_on_the_cpu(tmp_path):
 
     for name in ("summary.csv", "accuracy_matrix.csv"):
         pd.testing.assert_frame_equal(seed0(out, name), seed0(committed, name))
+
+
+def test_embedding_cache_key_follows_backbone_weights_resolution_preprocessing(vit_weights):
+    from dataclasses import replace
+
+    from kvb_avalanche.benchmarks.embedded import embedding_meta
+
+    _, folder = vit_weights
+    cpu = torch.device("cpu")
+    vit = build_encoder("timm:test_vit", weights=folder / "test_vit.pth")
+    lite = build_encoder("efficientnet_lite0")
+
+    def key(encoder, resolution=None, device=cpu):
+        return json.dumps(embedding_meta(encoder, "cifar10", "train", "d", resolution
+                                         or encoder.resolution, device), sort_keys=True)
+
+    keys = {key(vit), key(lite), key(vit, 128), key(replace(vit, weights_id="other")),
+            key(replace(vit, mean=(0.4, 0.4, 0.4))), key(replace(vit, interpolation="bilinear")),
+            key(vit, device=torch.device("cuda"))}
+    assert len(keys) == 7
+    # our own encoders' keys are what they were before the registry (no preprocessing entry)
+    assert set(embedding_meta(lite, "cifar10", "train", "d", 64, cpu)) == {
+        "dataset", "split", "data", "encoder", "weights", "resolution"}
+
+
+def test_weights_mismatch_names_the_first_key_and_its_shapes(tmp_path):
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(32, 3, 7, 7)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"conv1.weight is \(32, 3, 7, 7\) in the file, "
+                                         r"\(64, 3, 7, 7\) in the model"):
+        build_encoder("torchvision:resnet18:IMAGENET1K_V1", weights=path)
+    del state["conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"conv1.weight \(64, 3, 7, 7\) is missing"):
+        build_encoder("torchvision:resnet18:IMAGENET1K_V1", weights=path)
+
+
+def test_a_backbone_only_checkpoint_loads_without_its_classifier(tmp_path):
+    """Self-supervised checkpoints (DINO, SwAV ResNet-50s) have no classifier."""
+    import torchvision
+
+    torch.manual_seed(4)
+    ref = torchvision.models.resnet18()
+    ref.fc = torch.nn.Identity()
+    path = tmp_path / "backbone.pt"
+    torch.save(ref.state_dict(), path)  # no fc.* keys
+    enc = build_encoder("torchvision:resnet18:IMAGENET1K_V1", weights=path)
+    x = preprocess(_images(2), 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(enc.module(x), ref.eval()(x))
+
+
+def test_unknown_library_models_get_the_closest_names():
+    with pytest.raises(ValueError, match=r"did you mean timm:resnet50"):
+        build_encoder("timm:resnet500")
+    with pytest.raises(ValueError, match=r"did you mean torchvision:resnet50"):
+        build_encoder("torchvision:resnet500:IMAGENET1K_V1")
+    with pytest.raises(ValueError, match=r"did you mean .*efficientnet_lite0"):
+        build_encoder("efficientnet_lite")
+
+
+def test_a_resolution_the_backbone_cannot_take_is_refused_before_any_file(vit_weights,
+                                                                         tmp_path, capsys):
+    from kvb_avalanche.cli import main
+    from kvb_avalanche.encoders import check_resolution
+
+    _, folder = vit_weights
+    vit = build_encoder("timm:test_vit", weights=folder / "test_vit.pth")
+    with pytest.raises(ValueError, match="resolution 8 px does not fit encoder 'timm:test_vit'"):
+        check_resolution(vit, 8)  # below one 16-px patch
+    check_resolution(vit, None)  # its own size
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["split-cifar10", "--quick", "--out", str(out), "--encoder", "timm:test_vit",
+              "--weights", str(folder / "test_vit.pth"), "--resolution", "8",
+              "--cache-dir", str(tmp_path / "cache")])
+    assert e.value.code == 2 and "--resolution" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache" / "embeddings").exists()

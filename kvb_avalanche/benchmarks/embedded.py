@@ -67,6 +67,20 @@ class EmbeddedSplits:
         return self.train[0].shape[1]
 
 
+def embedding_meta(encoder: Encoder, name: str, split: str, data_identity: str,
+                   resolution: int, device: torch.device) -> dict:
+    """The identity of a split's embeddings (their cache key): the data, the backbone, its
+    weights, the preprocessing, and a device other than the CPU."""
+    meta = {"dataset": name, "split": split, "data": data_identity, "encoder": encoder.name,
+            "weights": encoder.weights_id, "resolution": resolution}
+    preprocessing = encoder.preprocessing(resolution)
+    if preprocessing != DEFAULT_PREPROCESSING.preprocessing(resolution):
+        meta["preprocessing"] = preprocessing  # (our own encoders keep their cache keys)
+    if device.type != "cpu":  # another device (and autocast) gives other float rounding
+        meta["device"] = {"type": device.type, "autocast": device.type == "cuda" and encoder.amp}
+    return meta
+
+
 def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int | None = None,
                 max_per_class: int | None = None, options: DataOptions = DataOptions()
                 ) -> tuple[Tensor, Tensor, dict]:
@@ -78,14 +92,8 @@ def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int | No
     data = load_cifar(name, split, root=options.root, download=options.download,
                       max_per_class=max_per_class, progress=progress,
                       cache_dir=cache_dir / "data")
-    meta = {"dataset": name, "split": split, "data": data.identity, "encoder": encoder.name,
-            "weights": encoder.weights_id, "resolution": resolution}
-    preprocessing = encoder.preprocessing(resolution)
-    if preprocessing != DEFAULT_PREPROCESSING.preprocessing(resolution):
-        meta["preprocessing"] = preprocessing  # (our own encoders keep their cache keys)
     device = resolve_device(str(options.device))
-    if device.type != "cpu":  # another device (and autocast) gives other float rounding
-        meta["device"] = {"type": device.type, "autocast": device.type == "cuda" and encoder.amp}
+    meta = embedding_meta(encoder, name, split, data.identity, resolution, device)
     x, cache_id = cached_embeddings(
         cache_dir / "embeddings", meta,
         lambda: embed_images(encoder, data.images, resolution, device=device,

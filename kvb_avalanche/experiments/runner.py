@@ -34,7 +34,7 @@ from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
 from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.device import resolve_device
-from kvb_avalanche.encoders import build_encoder
+from kvb_avalanche.encoders import build_encoder, check_resolution
 from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig, ToyConfig
 from kvb_avalanche.experiments.records import MatrixRow, RunRecord, RunStore
 from kvb_avalanche.experiments.reports import (
@@ -162,6 +162,10 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         name = "weights" if config.weights is not None and str(config.weights) in str(e) \
             else "encoder"
         raise ConfigError(name, f"{{{name}}}: {e}") from e
+    try:
+        check_resolution(encoder, config.resolution)
+    except ValueError as e:
+        raise ConfigError("resolution", f"{{resolution}}: {e}") from e
     return embed_cifar(
         config.dataset, encoder=encoder,
         resolution=config.resolution, max_per_class=config.max_per_class,
