@@ -480,7 +480,7 @@ def embed_images(
     for i in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         x = preprocess(images[i : i + batch_size], resolution, encoder.mean, encoder.std,
                        encoder.interpolation).to(device, non_blocking=cuda)
-        with torch.autocast(device.type, enabled=amp) if amp else contextlib.nullcontext():
+        with torch.autocast(device.type) if amp else contextlib.nullcontext():
             y = module(x).float()
         if amp and not torch.isfinite(y).all():
             log.warning("%s: non-finite embeddings under float16 autocast; float32 from here",
