@@ -2,7 +2,7 @@
 
     kvb-avalanche split-cifar10 --out OUT [--quick] [--seeds 0 1 2] [--kvb-epochs 10] ...
     kvb-avalanche toy-2d --out OUT
-    kvb-avalanche sweep SPEC.yaml --out DIR [--engine local|ray] [--address ADDR]
+    kvb-avalanche sweep SPEC.yaml --out DIR [--quick] [--engine local|ray] [--address ADDR]
     kvb-avalanche report DIR
 
 Every configuration field is a flag (``--field-name``); bad input stops with a message
@@ -148,6 +148,8 @@ def _sweep(args: argparse.Namespace) -> Any:
 
     check_engine(args.engine)
     spec = load_spec(args.spec)
+    if args.quick:
+        spec = spec.quick()
     check_out(args.out)
     summary = run_sweep(spec, args.out, options_from(args), engine=args.engine,
                         address=args.address, cpus_per_run=args.cpus_per_run,
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "configuration fields x seeds x strategies.")
     sweep.add_argument("spec", type=Path, help="sweep file (YAML): experiment, parameters")
     sweep.add_argument("--out", type=Path, required=True, help="output folder")
+    sweep.add_argument("--quick", action="store_true",
+                       help="a first look: the same grid on the --quick preset, first seed only")
     sweep.add_argument("--engine", default="local", metavar="ENGINE",
                        help="local (in this process, one run after another) or ray (each run "
                             "a Ray task; pip install 'kvb-avalanche[ray]')")

@@ -10,6 +10,7 @@ k-means, so the first EMA step drags every key towards the origin and codes coll
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -147,13 +148,14 @@ def fit_keys(
     ``loader`` yields tensors (batch, dim_embed) or tuples whose first item is one (so a
     labelled DataLoader works; labels are ignored). Returns a few statistics of the fit
     (``ema_steps``; ``keys_replaced``, in all and ``keys_replaced_per_epoch``: the dead-code
-    churn; ``keys_in_use``), also kept as ``bn.fit_stats``.
+    churn; ``keys_in_use``; ``seconds``, the fit's wall time), also kept as ``bn.fit_stats``.
     """
     cfg = config or KeyFitConfig()
     if bool(bn.keys_frozen):
         raise RuntimeError("keys are frozen (freeze_keys() was called): they cannot be refitted")
     generator = torch.Generator().manual_seed(cfg.seed)
     device = bn.keys.device
+    start = time.perf_counter()
 
     def heads(batch) -> Tensor:
         x = _embeddings(batch).to(device)
@@ -182,7 +184,8 @@ def fit_keys(
         raise ValueError("the key-initialisation loader yielded no batch")
     usage = (bn.ema_counts > 0).float().mean().item()
     stats = {"ema_steps": steps, "keys_replaced": sum(per_epoch),
-             "keys_replaced_per_epoch": per_epoch, "keys_in_use": usage}
+             "keys_replaced_per_epoch": per_epoch, "keys_in_use": usage,
+             "seconds": time.perf_counter() - start}
     bn.fit_stats = stats  # travels with the bottleneck (copies, checkpoints), for the metrics
     log.info("fitted keys: %s", {k: v for k, v in stats.items() if k != "keys_replaced_per_epoch"})
     return stats

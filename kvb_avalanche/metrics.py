@@ -1,5 +1,6 @@
 """KVB diagnostics as Avalanche metrics: keys in use, key sharing, value scale, the learning
-regime and the key-fitting churn, for any ``EvaluationPlugin`` beside ``accuracy_metrics``:
+regime, the training loss and the key-fitting churn, for any ``EvaluationPlugin`` beside
+``accuracy_metrics``:
 
     EvaluationPlugin(accuracy_metrics(stream=True), *kvb_metrics(), loggers=[...])
 
@@ -182,36 +183,63 @@ class ValueScale(_KVBMetric):
                 self._emit(strategy, "ValueScale_Max_Exp", largest, True)]
 
 
-class LearningRegime(_KVBMetric):
+class _EpochMean(_KVBMetric):
+    """A per-sample quantity averaged over each training epoch (``<name>_Epoch``), and over
+    the experience's last epoch again at its end (``<name>_Exp``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sum, self._count = 0.0, 0
+
+    def _batch(self, strategy: Any) -> tuple[float, int] | None:
+        """(sum over the minibatch's samples, their number), or None to skip it."""
+        raise NotImplementedError
+
+    def before_training_epoch(self, strategy: Any) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def after_training_iteration(self, strategy: Any) -> None:
+        if _bottleneck(strategy) is not None and (batch := self._batch(strategy)) is not None:
+            self._sum += batch[0]
+            self._count += batch[1]
+
+    def after_training_epoch(self, strategy: Any) -> list[MetricValue] | None:
+        if not self._count:
+            return None
+        return [self._emit(strategy, f"{self.name}_Epoch", self._sum / self._count)]
+
+    def after_training_exp(self, strategy: Any) -> list[MetricValue] | None:
+        if not self._count:
+            return None
+        return [self._emit(strategy, f"{self.name}_Exp", self._sum / self._count, True)]
+
+
+class LearningRegime(_EpochMean):
     """The epoch's mean of :func:`regime` over the training samples (``Regime_Epoch``; the
     last epoch's again as ``Regime_Exp``): 0 in the softmax's linear (counting) regime, 1
     saturated. See the module's docstring."""
 
     name = "Regime"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._sum, self._count = 0.0, 0
-
-    def before_training_epoch(self, strategy: Any) -> None:
-        self._sum, self._count = 0.0, 0
-
-    def after_training_iteration(self, strategy: Any) -> None:
-        if _bottleneck(strategy) is not None and isinstance(strategy.mb_output, Tensor):
-            r = regime(strategy.mb_output)
-            self._sum += float(r.sum())
-            self._count += len(r)
-
-    def after_training_epoch(self, strategy: Any) -> list[MetricValue] | None:
-        if not self._count:
+    def _batch(self, strategy: Any) -> tuple[float, int] | None:
+        if not isinstance(strategy.mb_output, Tensor):
             return None
-        return [self._emit(strategy, "Regime_Epoch", self._sum / self._count)]
+        r = regime(strategy.mb_output)
+        return float(r.sum()), len(r)
 
-    def after_training_exp(self, strategy: Any) -> list[MetricValue] | None:
-        """The experience's last epoch (``Regime_Exp``)."""
-        if not self._count:
+
+class TrainLoss(_EpochMean):
+    """The training loss, averaged over the epoch's samples (``TrainLoss_Epoch``; the
+    experience's last epoch again as ``TrainLoss_Exp``): whether the values learn more than
+    counts shows in the loss falling below its value at uniform logits, log(C)."""
+
+    name = "TrainLoss"
+
+    def _batch(self, strategy: Any) -> tuple[float, int] | None:
+        if not isinstance(strategy.loss, Tensor):
             return None
-        return [self._emit(strategy, "Regime_Exp", self._sum / self._count, True)]
+        n = len(strategy.mb_y)
+        return float(strategy.loss.detach()) * n, n
 
 
 class KeyFitChurn(_KVBMetric):
@@ -238,10 +266,11 @@ class KeyFitChurn(_KVBMetric):
 
 
 def kvb_metrics(key_usage: bool = True, key_sharing: bool = True, value_scale: bool = True,
-                regime: bool = True, key_fit: bool = True) -> list[PluginMetric]:
+                regime: bool = True, train_loss: bool = True, key_fit: bool = True
+                ) -> list[PluginMetric]:
     """KVB's diagnostics, to pass to an ``EvaluationPlugin`` beside Avalanche's metrics."""
     chosen = [(key_usage, KeysInUse), (key_sharing, KeySharing), (value_scale, ValueScale),
-              (regime, LearningRegime), (key_fit, KeyFitChurn)]
+              (regime, LearningRegime), (train_loss, TrainLoss), (key_fit, KeyFitChurn)]
     return [cls() for wanted, cls in chosen if wanted]
 
 

@@ -107,6 +107,36 @@ def test_registry_says_which_strategies_are_joint_and_use_the_bottleneck():
         STRATEGIES.register("kvb")(lambda ctx: None)
 
 
+def _config_fields_read(node: ast.AST) -> set[str]:
+    """Fields read as ``cfg.X`` or ``ctx.config.X`` under ``node``."""
+    return {a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute) and (
+        (isinstance(a.value, ast.Name) and a.value.id == "cfg")
+        or (isinstance(a.value, ast.Attribute) and a.value.attr == "config"))}
+
+
+def test_the_baselines_read_no_bottleneck_field_so_sweeps_may_share_their_runs():
+    # a sweep runs a baseline once per seed across points that differ in BOTTLENECK_FIELDS
+    from kvb_avalanche.experiments import strategies
+    from kvb_avalanche.experiments.runner import BOTTLENECK_FIELDS, run_identity
+
+    tree = ast.parse(Path(strategies.__file__).read_text())
+    functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    kvb = _config_fields_read(functions["_kvb"])
+    assert kvb and kvb <= set(BOTTLENECK_FIELDS)  # kvb_lr, kvb_epochs
+    baseline_code = [f for name, f in functions.items()
+                     if name not in ("_kvb", "common") and not name.startswith("_toy")]
+    read = set().union(*map(_config_fields_read, baseline_code))
+    assert {"lr", "epochs", "hidden", "ewc_lambda"} <= read
+    assert not read & set(BOTTLENECK_FIELDS)
+    config = ExperimentConfig()
+    wider = config.replace(codebooks=64, kvb_lr=3.0, key_init="official")
+    assert run_identity(config, "linear_probe", 0) == run_identity(wider, "linear_probe", 0)
+    assert run_identity(config, "kvb", 0) != run_identity(wider, "kvb", 0)
+    assert run_identity(config, "linear_probe", 0) != run_identity(config, "linear_probe", 1)
+    assert (run_identity(config, "linear_probe", 0)
+            != run_identity(config.replace(epochs=3), "linear_probe", 0))
+
+
 def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):
     spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
     monkeypatch.setitem(STRATEGIES._specs, "mine", spec)

@@ -19,6 +19,7 @@ from kvb_avalanche.metrics import (
     KeysInUse,
     LearningRegime,
     MetricsCSVLogger,
+    TrainLoss,
     ValueScale,
     kvb_metrics,
     regime,
@@ -87,6 +88,21 @@ def test_value_scale_after_a_known_sgd_step():
     assert scale["ValueScale_Mean/train_phase/train_stream"] == [pytest.approx(0.5)]
     assert scale["ValueScale_Max/train_phase/train_stream"] == [pytest.approx(0.5)]
     assert scale["ValueScale_Growth/train_phase/train_stream"] == [pytest.approx(0.5)]
+
+
+def test_train_loss_per_epoch_and_at_the_experiences_end_after_known_steps():
+    # as above: epoch 1 at logits 0 has loss ln 2; its step makes the logits (1/2, -1/2), so
+    # epoch 2's loss on class 0 is ln(1 + e^-1), and that is the experience's last epoch
+    x = torch.zeros(8, 1, 1, dtype=torch.long)
+    stream = tensor_scenario((x, torch.zeros(8, dtype=torch.long)),
+                             (x, torch.zeros(8, dtype=torch.long)), [0, 1], 1)
+    strategy = train(frozen_model(1, 4, 2), stream, [TrainLoss()], lr=1.0, train_epochs=2,
+                     label_smoothing=0.0, clip_grad_norm=None)
+    loss = metric_values(strategy, "TrainLoss")
+    second = math.log(1 + math.exp(-1))
+    assert loss["TrainLoss_Epoch/train_phase/train_stream"] == [
+        pytest.approx(math.log(2)), pytest.approx(second)]
+    assert loss["TrainLoss_Exp/train_phase/train_stream/Exp000"] == [pytest.approx(second)]
 
 
 def test_regime_is_zero_at_equal_logits_one_saturated_and_a_half_between():

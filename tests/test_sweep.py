@@ -60,7 +60,8 @@ def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_local_sweep_writes_the_grid_with_a_column_per_swept_field(local_sweep):
     summary, matrix = tables(local_sweep)
     assert list(summary.columns) == ["codebooks", "kvb_lr", "strategy", "seed",
-                                     "final_accuracy", "average_forgetting"]
+                                     "final_accuracy", "average_forgetting", "keys_in_use",
+                                     "value_scale_mean", "train_loss", "key_fit_seconds"]
     assert len(summary) == RUNS and set(summary.codebooks) == {16, 32}
     assert set(summary.kvb_lr) == {3.0, 10.0} and set(summary.seed) == {0, 1}
     assert len(matrix) == RUNS * 5 * 5  # every run: 5 x 5 accuracy matrix
@@ -70,13 +71,46 @@ def test_local_sweep_writes_the_grid_with_a_column_per_swept_field(local_sweep):
     assert kvb.final_accuracy.nunique() > 1
     probe = summary[summary.strategy == "linear_probe"]
     assert probe.groupby("seed").final_accuracy.nunique().eq(1).all()  # KVB fields only
+    # ... so the probe ran once per seed, its record stored at all four points
+    seconds = pd.read_csv(local_sweep / "summary.csv")
+    seconds = seconds[seconds.strategy == "linear_probe"].groupby("seed").train_seconds
+    assert seconds.nunique().eq(1).all() and seconds.size().eq(4).all()
+    # KVB's state at the end of each run; none for the probe
+    assert kvb.keys_in_use.between(0.01, 1).all() and (kvb.key_fit_seconds > 0).all()
+    assert (kvb.train_loss > 0).all() and (kvb.value_scale_mean > 0).all()
+    # a higher value learning rate, larger values (the codebooks held fixed)
+    scale = kvb.value_scale_mean.groupby(["codebooks", "seed"]).agg(list)
+    assert all(a < b for a, b in scale)  # kvb_lr 3.0 before 10.0 in the grid
+    assert probe[["keys_in_use", "train_loss", "key_fit_seconds"]].isna().all().all()
     assert (local_sweep / "sweep.png").stat().st_size > 10_000
+    assert (local_sweep / "sweep_diagnostics.png").stat().st_size > 10_000
     runs = sorted(p.relative_to(local_sweep).as_posix()
                   for p in local_sweep.glob("points/*/runs/*.json"))
     assert len(runs) == RUNS and runs[0] == "points/codebooks=16,kvb_lr=10.0/runs/kvb-seed0.json"
     point = json.loads((local_sweep / "points" / "codebooks=16,kvb_lr=3.0" / "config.json")
                        .read_text())
     assert point["config"]["codebooks"] == 16 and point["config"]["num_pairs"] == 256  # quick
+
+
+def test_a_committed_sweep_file_runs_quick_end_to_end(cache, tmp_path):
+    # the key-initialisation ablation, on the --quick preset and its first seed: ours
+    # against the official procedure, the references run once and shared by both points
+    spec = Path(__file__).resolve().parents[1] / "sweeps" / "ablations" / "key_init.yaml"
+    out = tmp_path / "key_init"
+    summary = cli(["sweep", str(spec), "--quick", "--out", str(out), "--no-progress",
+                   "--cache-dir", str(cache)])
+    assert len(summary) == 2 * 4 and set(summary.seed) == {0}
+    assert list(summary.key_init.unique()) == ["ours", "official"]
+    by = summary.set_index(["strategy", "key_init"])
+    for reference in ("joint_linear", "linear_probe"):
+        assert by.train_seconds[reference, "ours"] == by.train_seconds[reference, "official"]
+    for strategy in ("kvb", "kvb_joint"):  # other keys, other numbers
+        assert by.final_accuracy[strategy, "ours"] != by.final_accuracy[strategy, "official"]
+        assert by.key_fit_seconds[strategy, "ours"] > 0
+    # the preset reached the runs; the official keys are fitted without a k-means start
+    point = json.loads((out / "points" / "key_init=official" / "config.json").read_text())
+    assert point["config"]["key_init"] == "official" and point["config"]["codebooks"] == 32
+    assert (out / "sweep.png").is_file() and (out / "sweep_diagnostics.png").is_file()
 
 
 def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(local_sweep, cache,

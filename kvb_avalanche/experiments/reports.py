@@ -124,12 +124,14 @@ def key_sharing_rows(strategy: str, seed: int, metrics: dict[str, tuple[list, li
 def diagnostics_rows(strategy: str, seed: int, metrics: dict[str, tuple[list, list]]
                      ) -> list[dict]:
     """Per experience, KVB's diagnostics at its end: keys in use (by it, and so far), key
-    sharing, value scale (mean, max |value| over trained pairs) and the learning regime."""
+    sharing, value scale (mean, max |value| over trained pairs), the learning regime and the
+    last epoch's training loss."""
     columns = {"keys_in_use_experience": _per_experience(metrics, "KeysInUse_Exp"),
                "key_sharing": _per_experience(metrics, "KeySharing_Exp"),
                "value_scale_mean": _per_experience(metrics, "ValueScale_Mean_Exp"),
                "value_scale_max": _per_experience(metrics, "ValueScale_Max_Exp"),
-               "regime": _per_experience(metrics, "Regime_Exp")}
+               "regime": _per_experience(metrics, "Regime_Exp"),
+               "train_loss": _per_experience(metrics, "TrainLoss_Exp")}
     ever = _stream(metrics, "KeysInUse_Stream")
     return [{"strategy": strategy, "seed": seed, "experience": t,
              "keys_in_use_stream": ever[t] if t < len(ever) else None,

@@ -141,6 +141,22 @@ DATA_FIELDS = ("benchmark", "encoder", "weights", "resolution", "max_per_class",
                "test_max_per_class", "key_init_data", "key_init_max_per_class")
 
 
+# the fields only bottleneck strategies read: a baseline's numbers do not depend on them
+BOTTLENECK_FIELDS = ("key_init", "key_init_data", "key_init_max_per_class", "codebooks",
+                     "num_pairs", "dim_keys", "dim_values", "topk", "kvb_lr", "kvb_epochs",
+                     "mask_unused_keys", "key_epochs", "kmeans_samples", "kmeans_iters")
+
+
+def run_identity(config: ExperimentConfig, strategy: str, seed: int) -> tuple:
+    """What decides a run's numbers: runs that share it are the same run (a baseline at two
+    settings of the bottleneck, say)."""
+    ignored = {"seeds", "strategies"}
+    if not STRATEGIES[strategy].uses_bottleneck:
+        ignored |= set(BOTTLENECK_FIELDS)
+    return (strategy, seed, *(f"{k}={v}" for k, v in config.to_dict().items()
+                              if k not in ignored))
+
+
 def key_identity(config: ExperimentConfig, seed: int) -> tuple:
     """What decides a seed's fitted keys: configurations that share it share the keys."""
     fields = KEY_FIELDS + (FIRST_EXPERIENCE_FIELDS if config.key_init_data == "none" else ())
@@ -265,9 +281,14 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
                 logger.close()
     metrics = strategy.evaluator.get_all_metrics()
     sharing = [] if spec.joint else key_sharing_rows(strategy_name, seed, metrics)
-    diagnostics = diagnostics_rows(strategy_name, seed, metrics) if spec.uses_bottleneck else []
-    return RunRecord(strategy_name, seed, train_seconds, rows, sharing, order,
-                     {"kvb_diagnostics": diagnostics} if diagnostics else {})
+    extra = {}
+    if spec.uses_bottleneck:
+        extra["kvb_diagnostics"] = diagnostics_rows(strategy_name, seed, metrics)
+        fit = bottleneck.fit_stats if bottleneck is not None else None
+        if fit:  # how the seed's keys were fitted (shared by the runs that share them)
+            extra["key_fit"] = {k: fit[k] for k in ("keys_in_use", "keys_replaced", "seconds")
+                                if k in fit}
+    return RunRecord(strategy_name, seed, train_seconds, rows, sharing, order, extra)
 
 
 class Workbench:

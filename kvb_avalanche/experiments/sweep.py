@@ -13,9 +13,14 @@ A spec has the shape of the paper's official sweep files (wandb's)::
 
 Each grid point is a configuration with its own folder ``DIR/points/<name>/`` (runs,
 checkpoints, logs, as an experiment's ``OUT``); every run lands there the moment it
-finishes, and re-running the same command resumes. ``DIR/summary.csv`` and
-``DIR/accuracy_matrix.csv`` cover the whole grid with one column per swept field, and
-``DIR/sweep.png`` shows final accuracy against each swept field with the seed spread.
+finishes, and re-running the same command resumes. A run that does not depend on a swept
+field (a baseline, when only the bottleneck's fields are swept) runs once per seed and is
+stored at every point that shares it: the baselines are references, not repeated work.
+``DIR/summary.csv`` and ``DIR/accuracy_matrix.csv`` cover the whole grid with one column per
+swept field (and KVB's diagnostics at the end of each run), ``DIR/sweep.png`` shows final
+accuracy against each swept field, class-incremental and i.i.d. side by side, with the seed
+spread and the references as lines, and ``DIR/sweep_diagnostics.png`` KVB's forgetting,
+training loss, value scale and keys in use against them.
 """
 
 from __future__ import annotations
@@ -48,11 +53,13 @@ from kvb_avalanche.experiments.reports import (
     write_csv,
 )
 from kvb_avalanche.experiments.runner import (
+    BOTTLENECK_FIELDS,
     RunOptions,
     Workbench,
     data_identity,
     fit_bottleneck,
     key_identity,
+    run_identity,
     run_split,
     versions,
 )
@@ -76,6 +83,10 @@ class SweepSpec:
     grid: dict[str, list[Any]]  # swept field -> values, in the spec's order
     seeds: tuple[int, ...]
     strategies: tuple[str, ...]
+
+    def quick(self) -> SweepSpec:
+        """A first look at the sweep: the ``quick`` preset under the same grid, one seed."""
+        return dataclasses.replace(self, preset="quick", seeds=self.seeds[:1])
 
     def to_dict(self) -> dict:
         """Plain JSON types (lists, not tuples), as config.json holds it."""
@@ -235,25 +246,41 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
                       "options": {k: str(v) for k, v in vars(options).items()}})
     for (point, config), store in zip(points, stores.values(), strict=True):
         store.open({"kind": config.kind, "point": point})
-    tasks, records = [], {}
-    for point, config in points:
-        store = stores[point_name(point)]
-        for seed in spec.seeds:
-            for strategy in spec.strategies:
-                if (done := store.load(strategy, seed)) is not None:
-                    records[point_name(point), strategy, seed] = done
-                else:
-                    tasks.append(RunTask(point, config, strategy, seed, store.out))
-    log.info("sweep %s: %d runs, %d done, %d to run on %s", out, len(records) + len(tasks),
-             len(records), len(tasks), engine)
+    runs = [(point_name(point), config, point, strategy, seed) for point, config in points
+            for seed in spec.seeds for strategy in spec.strategies]
+    records: dict[tuple, RunRecord] = {}
+    finished: dict[tuple, RunRecord] = {}  # run identity -> its record, wherever it is stored
+    for name, config, _, strategy, seed in runs:
+        if (record := stores[name].load(strategy, seed)) is not None:
+            records[name, strategy, seed] = record
+            finished[run_identity(config, strategy, seed)] = record
+    tasks: list[RunTask] = []
+    shared: dict[tuple, list[tuple]] = {}  # a task's key -> the points that share its run
+    first: dict[tuple, tuple] = {}  # run identity -> the key of the task that runs it
+    for name, config, point, strategy, seed in runs:
+        key, identity = (name, strategy, seed), run_identity(config, strategy, seed)
+        if key in records:
+            continue
+        if identity in finished:  # run at another point already: stored here too
+            stores[name].save(finished[identity])
+            records[key] = finished[identity]
+        elif identity in first:
+            shared[first[identity]].append(key)
+        else:
+            first[identity], shared[key] = key, []
+            tasks.append(RunTask(point, config, strategy, seed, stores[name].out))
+    log.info("sweep %s: %d runs, %d done, %d to run on %s, %d shared with another point", out,
+             len(runs), len(records), len(tasks), engine,
+             sum(len(v) for v in shared.values()))
     failures: dict[str, str] = {}
     bar = tqdm(total=len(tasks), desc="sweep runs", disable=not options.progress)
 
     def done(task: RunTask, record: RunRecord | None, error: str | None = None) -> None:
         key = (point_name(task.point), task.strategy, task.seed)
         if record is not None:
-            stores[key[0]].save(record)
-            records[key] = record
+            for where in (key, *shared[key]):
+                stores[where[0]].save(record)
+                records[where] = record
         else:
             failures["/".join(map(str, key))] = error or "failed"
             log.error("run %s failed: %s", "/".join(map(str, key)), error)
@@ -344,6 +371,25 @@ def _run_ray(tasks: list[RunTask], bench: Workbench,
 
 
 # ---------------------------------------------------------------------------- reports
+# KVB's state at the end of a run (empty for the baselines)
+DIAGNOSTIC_COLUMNS = {
+    "keys_in_use": "keys in use (fraction of pairs trained)",
+    "value_scale_mean": "mean |value| over trained pairs",
+    "train_loss": "last epoch's training loss",
+    "key_fit_seconds": "key fitting wall time (s)",
+}
+
+
+def kvb_columns(record: RunRecord) -> dict[str, float | None]:
+    """A bottleneck run's :data:`DIAGNOSTIC_COLUMNS`, from its last experience's
+    diagnostics and its keys' fit; None where the run has none."""
+    rows = record.extra.get("kvb_diagnostics") or [{}]
+    last, fit = rows[-1], record.extra.get("key_fit") or {}
+    return {"keys_in_use": last.get("keys_in_use_stream"),
+            "value_scale_mean": last.get("value_scale_mean"),
+            "train_loss": last.get("train_loss"), "key_fit_seconds": fit.get("seconds")}
+
+
 def sweep_tables(spec: SweepSpec, records: dict[tuple, RunRecord]
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary, accuracy matrix) of the whole grid, one column per swept field first."""
@@ -356,13 +402,17 @@ def sweep_tables(spec: SweepSpec, records: dict[tuple, RunRecord]
         summary = summary_table(recs, matrix)
         joint = summary.strategy.map(lambda s: STRATEGIES[s].joint)
         summary.loc[joint.astype(bool), "average_forgetting"] = float("nan")
+        diagnostics = {(r.strategy, r.seed): kvb_columns(r) for r in recs}
+        for column in DIAGNOSTIC_COLUMNS:
+            summary[column] = [diagnostics[k][column]
+                               for k in zip(summary.strategy, summary.seed, strict=True)]
         for table, dest in ((summary, summaries), (matrix, matrices)):
             for i, (name, value) in enumerate(point.items()):
                 table.insert(i, name, [value] * len(table))
             dest.append(table)
     columns = list(spec.grid)
     summary = (pd.concat(summaries, ignore_index=True) if summaries
-               else pd.DataFrame(columns=columns + SUMMARY_COLUMNS))
+               else pd.DataFrame(columns=columns + SUMMARY_COLUMNS + list(DIAGNOSTIC_COLUMNS)))
     matrix = pd.concat(matrices, ignore_index=True) if matrices else pd.DataFrame()
     return summary, matrix
 
@@ -374,37 +424,96 @@ def write_sweep_reports(out: Path, spec: SweepSpec, records: dict[tuple, RunReco
     write_csv(matrix, out / "accuracy_matrix.csv")
     if len(summary) and spec.grid:
         plot_sweep(summary, list(spec.grid), out / "sweep.png")
+        plot_sweep_diagnostics(summary, list(spec.grid), out / "sweep_diagnostics.png")
     return summary
 
 
+def _is_reference(strategy: str, field_name: str) -> bool:
+    """A strategy that does not depend on the swept field: drawn as a line across."""
+    return not STRATEGIES[strategy].uses_bottleneck and field_name in BOTTLENECK_FIELDS
+
+
+def _axis(summary: pd.DataFrame, name: str) -> tuple[list, dict, bool]:
+    """The swept field's values, their x positions, and whether they are numbers."""
+    values = list(dict.fromkeys(summary[name]))
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return values, {v: (v if numeric else i) for i, v in enumerate(values)}, numeric
+
+
+def _curves(ax, summary: pd.DataFrame, name: str, others: list[str], column: str,
+            references: bool = True) -> None:
+    """``column`` against the swept field ``name``: per strategy (and setting of the other
+    swept fields) the seed mean, the seeds' min-max as a band; references as lines."""
+    values, position, numeric = _axis(summary, name)
+    for key, g in summary.groupby(["strategy", *others], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        if g[column].isna().all():
+            continue
+        label = ", ".join([str(key[0])] + [f"{o}={v}" for o, v in zip(others, key[1:],
+                                                                   strict=True)])
+        if _is_reference(key[0], name):
+            if references:
+                per_seed = g.groupby("seed")[column].first()
+                line = ax.axhline(per_seed.mean(), ls="--", lw=1.2, color="0.35"
+                                  if STRATEGIES[key[0]].joint else "0.6")
+                ax.axhspan(per_seed.min(), per_seed.max(), color=line.get_color(), alpha=0.12)
+                line.set_label(f"{label} (reference)")
+            continue
+        stats = g.groupby(name, sort=False)[column].agg(["mean", "min", "max"])
+        stats = stats.reindex([v for v in values if v in stats.index])
+        x = [position[v] for v in stats.index]
+        ax.plot(x, stats["mean"], marker="o", ms=4, label=label)
+        ax.fill_between(x, stats["min"], stats["max"], alpha=0.15)
+    if numeric and min(values) > 0 and max(values) / min(values) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks([position[v] for v in values], [str(v) for v in values])
+    ax.minorticks_off()
+    ax.set_xlabel(name)
+    ax.grid(alpha=0.3)
+
+
 def plot_sweep(summary: pd.DataFrame, fields: list[str], path: Path) -> None:
-    """Final accuracy against each swept field: one line per strategy (and setting of the
-    other swept fields), the seed mean with the seeds' min-max as a band."""
+    """Final accuracy against each swept field (a row each): class-incremental and i.i.d.
+    strategies side by side, every reference (a strategy the field does not touch) drawn
+    as a dashed line in both with its seeds' range."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(fields), figsize=(4.2 * len(fields), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], fields, strict=True):
+    joint = summary.strategy.map(lambda s: STRATEGIES[s].joint).astype(bool)
+    settings = [(title, mask) for title, mask in (("class-incremental", ~joint),
+                                                  ("i.i.d. (joint)", joint)) if mask.any()]
+    fig, axes = plt.subplots(len(fields), len(settings), squeeze=False,
+                             figsize=(4.6 * len(settings), 3.6 * len(fields)))
+    for row, name in zip(axes, fields, strict=True):
         others = [f for f in fields if f != name]
-        values = list(dict.fromkeys(summary[name]))
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        position = {v: (v if numeric else i) for i, v in enumerate(values)}
-        for key, g in summary.groupby(["strategy", *others], sort=False):
-            key = key if isinstance(key, tuple) else (key,)
-            label = ", ".join([str(key[0])] + [f"{o}={v}" for o, v in zip(others, key[1:],
-                                                                       strict=True)])
-            stats = g.groupby(name, sort=False).final_accuracy.agg(["mean", "min", "max"])
-            stats = stats.reindex([v for v in values if v in stats.index])
-            x = [position[v] for v in stats.index]
-            ax.plot(x, stats["mean"], marker="o", ms=4, label=label)
-            ax.fill_between(x, stats["min"], stats["max"], alpha=0.15)
-        if numeric and min(values) > 0 and max(values) / min(values) >= 8:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks([position[v] for v in values], [str(v) for v in values])
-        ax.minorticks_off()
-        ax.set_xlabel(name)
-        ax.set_ylabel("final accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        refs = summary[[_is_reference(s, name) for s in summary.strategy]]
+        for ax, (title, mask) in zip(row, settings, strict=True):
+            own = summary[mask & ~summary.index.isin(refs.index)]
+            _curves(ax, pd.concat([own, refs]), name, others, "final_accuracy")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylabel("final accuracy")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def plot_sweep_diagnostics(summary: pd.DataFrame, fields: list[str], path: Path) -> None:
+    """Average forgetting and KVB's state at the end of its runs (training loss, mean
+    |value|, keys in use) against each swept field, for the columns that have values."""
+    columns = {"average_forgetting": "average forgetting",
+               **{c: DIAGNOSTIC_COLUMNS[c] for c in ("train_loss", "value_scale_mean",
+                                                     "keys_in_use")}}
+    columns = {c: t for c, t in columns.items() if summary[c].notna().any()}
+    if not columns:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(len(fields), len(columns), squeeze=False,
+                             figsize=(4.2 * len(columns), 3.4 * len(fields)))
+    for row, name in zip(axes, fields, strict=True):
+        others = [f for f in fields if f != name]
+        for ax, (column, title) in zip(row, columns.items(), strict=True):
+            _curves(ax, summary, name, others, column, references=False)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     savefig(fig, path)
 
