@@ -1,6 +1,7 @@
 """Sweeps: a --quick-sized 2 x 2 grid x 2 seeds, in-process and on a local Ray cluster."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_local_sweep_writes_the_grid_with_a_column_per_swept_field(local_sweep):
     point = json.loads((local_sweep / "points" / "codebooks=16,kvb_lr=3.0" / "config.json")
                        .read_text())
     assert point["config"]["codebooks"] == 16 and point["config"]["num_pairs"] == 256  # quick
+
+
+COMMITTED = sorted((Path(__file__).resolve().parents[1] / "sweeps").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_committed_sweep_file_gives_valid_configs(path):
+    # a typo in a sweep file would otherwise surface hours into a real run
+    spec = load_spec(path)
+    points = spec.points()
+    assert len(points) == math.prod(len(v) for v in spec.grid.values())
+    for point, config in points:
+        assert config.benchmark == spec.experiment
+        assert all(getattr(config, name) == value for name, value in point.items())
 
 
 def test_a_committed_sweep_file_runs_quick_end_to_end(cache, tmp_path):
