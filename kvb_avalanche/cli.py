@@ -93,13 +93,20 @@ def add_run_flags(parser: argparse.ArgumentParser, data: bool = True) -> None:
                         help="discard results in the output folder from another configuration")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
+    parser.add_argument("--checkpoint-every", type=float, default=RunOptions.checkpoint_every,
+                        metavar="SECONDS",
+                        help="save a continual run's progress after an experience once this "
+                             "many seconds have passed since its last save; 0: after every "
+                             "experience (default: %(default)s)")
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
     return RunOptions(data_root=getattr(args, "data_root", None),
                       cache_dir=getattr(args, "cache_dir", None),
                       download=getattr(args, "download", False), progress=args.progress,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite,
+                      checkpoint_every=getattr(args, "checkpoint_every",
+                                               RunOptions.checkpoint_every))
 
 
 def config_from(args: argparse.Namespace, cls: type[BaseConfig], base: dict | None = None

@@ -86,10 +86,10 @@ class KVBModel(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the frozen state that decides the codes: encoder weights, projection, keys."""
-        h = hashlib.blake2b(self.bottleneck.fingerprint().encode(), digest_size=16)
+        h = hashlib.sha1(self.bottleneck.fingerprint().encode(), usedforsecurity=False)
         if self.encoder is not None:
             for t in self.encoder.state_dict().values():
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+                h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
         return h.hexdigest()
 
     def freeze_encoder(self) -> None:

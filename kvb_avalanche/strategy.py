@@ -158,7 +158,8 @@ class KVBStrategy(SupervisedTemplate):
 class CountingRegimeWarning(SupervisedPlugin):
     """Says once per experience, through ``logging``, when training ended it in the counting
     regime (:data:`kvb_avalanche.metrics.COUNTING_REGIME`): the softmax stayed near uniform
-    over the last epoch, so the values are per-key class counts."""
+    over the last epoch, so the values are per-key class counts. The first warning explains
+    it; later ones are a line each (a 50-experience stream would repeat the paragraph)."""
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         self._sum, self._count = 0.0, 0
@@ -172,14 +173,20 @@ class CountingRegimeWarning(SupervisedPlugin):
             self._count += len(r)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        if getattr(self, "_count", 0) and self._sum / self._count < COUNTING_REGIME:
-            log.warning(
-                "KVB ended experience %d in the counting regime (regime %.2g < %g over its last "
-                "epoch): the softmax stays near uniform, so each value holds its key's class "
-                "counts and predictions are a vote of them; it cannot forget, nor learn beyond "
-                "the counts. A larger lr, VotingDecoder(reduction='sum') or more epochs move "
-                "it out (kvb_avalanche.metrics).", strategy.experience.current_experience,
-                self._sum / self._count, COUNTING_REGIME)
+        if not (getattr(self, "_count", 0) and self._sum / self._count < COUNTING_REGIME):
+            return
+        exp, value = strategy.experience.current_experience, self._sum / self._count
+        if getattr(self, "_explained", False):  # the why once; a line per experience after
+            log.warning("KVB ended experience %d in the counting regime too (regime %.2g < %g)",
+                        exp, value, COUNTING_REGIME)
+            return
+        self._explained = True
+        log.warning(
+            "KVB ended experience %d in the counting regime (regime %.2g < %g over its last "
+            "epoch): the softmax stays near uniform, so each value holds its key's class "
+            "counts and predictions are a vote of them; it cannot forget, nor learn beyond "
+            "the counts. A larger lr, VotingDecoder(reduction='sum') or more epochs move "
+            "it out (kvb_avalanche.metrics).", exp, value, COUNTING_REGIME)
 
 
 @torch.no_grad()

@@ -38,8 +38,9 @@ from kvb_avalanche import (
 from kvb_avalanche.benchmarks import tensor_scenario
 from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
 from kvb_avalanche.codes import random_transforms
+from kvb_avalanche.experiments.config import ConfigError
 from kvb_avalanche.experiments.reports import summarize
-from kvb_avalanche.experiments.runner import make_evaluator, run_stream
+from kvb_avalanche.experiments.runner import RunOptions, make_evaluator, run_stream
 
 DIM, CLASSES = 16, 4
 
@@ -372,3 +373,24 @@ def test_checkpoint_after_an_experience_resumes_to_the_same_result(tensor_bench,
     history = resumed.evaluator.get_all_metrics()[key][1]
     assert history == [first_rows[key], resumed.evaluator.get_last_metrics()[key]]
     assert maybe_load_checkpoint(build(), tmp_path / "none.pt") == (0, None)
+
+
+def test_run_stream_saves_no_more_often_than_checkpoint_every(tensor_bench, tmp_path,
+                                                              monkeypatch):
+    from kvb_avalanche.experiments import runner
+
+    saves = []
+    monkeypatch.setattr(runner, "save_checkpoint",
+                        lambda strategy, path, extra: saves.append(len(extra["rows"])))
+    path = tmp_path / "checkpoint.pt"
+    run_stream(kvb_strategy(), tensor_bench, "kvb", seed=0, checkpoint=path, checkpoint_every=0)
+    assert saves == [2]  # after experience 0 (2 test rows); the finished run is the caller's
+    saves.clear()
+    run_stream(kvb_strategy(), tensor_bench, "kvb", seed=0, checkpoint=path,
+               checkpoint_every=3600)
+    assert saves == []  # an experience took less than an hour
+
+
+def test_a_negative_checkpoint_interval_is_refused_by_name():
+    with pytest.raises(ConfigError, match="checkpoint_every must be seconds >= 0, got -1"):
+        RunOptions(checkpoint_every=-1)

@@ -131,6 +131,9 @@ def test_counting_regime_warning_fires_at_the_papers_settings_and_not_when_learn
     warnings = [r for r in caplog.records if "counting regime" in r.getMessage()]
     assert len(warnings) == 2  # once per experience
     assert "experience 0 in the counting regime" in warnings[0].getMessage()
+    assert "cannot forget" in warnings[0].getMessage()  # the why, once
+    assert "experience 1 in the counting regime too" in warnings[1].getMessage()
+    assert "cannot forget" not in warnings[1].getMessage()
     last = metric_values(counting, "Regime")["Regime_Epoch/train_phase/train_stream"][-1]
     assert last < COUNTING_REGIME
     caplog.clear()

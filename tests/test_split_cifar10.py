@@ -99,7 +99,8 @@ def test_killed_run_resumes_finished_runs_and_kvb_mid_stream_to_the_clean_tables
     loads the probe, resumes KVB from its checkpoint, runs naive, and ends with the tables
     and logs of an uninterrupted run."""
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    args = ["--strategies", *RESUME_STRATEGIES, "--kvb-epochs", "150"]  # ~2 s an experience
+    args = ["--strategies", *RESUME_STRATEGIES, "--kvb-epochs", "150",  # ~2 s an experience
+            "--checkpoint-every", "0"]
     split_cifar10.main(command(clean, cache, *args))
     script = str(REPO / "benchmarks" / "split_cifar10.py")
     proc = subprocess.Popen([sys.executable, script, *command(killed, cache, *args)],

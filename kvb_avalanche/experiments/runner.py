@@ -3,7 +3,8 @@
 Every strategy is trained on the same stream and measured by the same evaluation plugin
 after every experience on the whole test stream (:func:`run_stream`), so KVB and the
 baselines are measured by exactly the same code. A run's record is stored the moment it
-finishes; a continual run is checkpointed after every experience and resumed from there.
+finishes; a continual run is checkpointed between experiences (at most every
+``RunOptions.checkpoint_every`` seconds) and resumed from there.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ class RunOptions:
     download: bool = False  # fetch the data with torchvision when no copy is found
     progress: bool = True  # progress bars and Avalanche's interactive logger
     overwrite: bool = False  # discard OUT's runs of another configuration
+    # a continual run saves its progress after an experience once this many seconds have
+    # passed since its last save (0: after every experience). A checkpoint holds the whole
+    # strategy: with 50 experiences of the paper's bottleneck (0.8 GB) saving after each
+    # one doubled the run's time, so a killed run may redo up to this long plus one experience
+    checkpoint_every: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_every >= 0:
+            raise ConfigError("checkpoint_every", "{checkpoint_every} must be seconds >= 0, "
+                              f"got {self.checkpoint_every!r}")
 
 
 # ---------------------------------------------------------------------------- one stream
@@ -97,13 +108,15 @@ def run_stream(
     after_experience: Callable[[int], None] | None = None,
     checkpoint: Path | None = None,
     state: dict | None = None,
+    checkpoint_every: float = 0.0,
 ) -> tuple[list[MatrixRow], float]:
     """Train on each experience in turn, evaluating the whole test stream after each.
 
     Returns accuracy-matrix rows and the training wall time in seconds (evaluation excluded).
     ``after_experience(t)`` is called after training on experience t, before its evaluation.
     With ``checkpoint``, the strategy, the rows so far and ``state`` (a dict the caller
-    fills, e.g. from ``after_experience``) are saved there after every experience; a
+    fills, e.g. from ``after_experience``) are saved there after an experience once
+    ``checkpoint_every`` seconds have passed since the last save (0: after every one); a
     checkpoint found at the start is resumed from, restoring them (``state`` in place).
     """
     rows: list[MatrixRow] = []
@@ -116,6 +129,7 @@ def run_stream(
                 state.update(progress["state"])
             log.info("%s seed %d: resuming after experience %d from %s", name, seed,
                      start_at - 1, checkpoint)
+    last_save = time.monotonic()
     for t, experience in enumerate(benchmark.train_stream):
         if t < start_at:
             continue
@@ -125,9 +139,12 @@ def run_stream(
         if after_experience is not None:
             after_experience(t)
         rows += evaluate(strategy, benchmark, name, seed, t)
-        if checkpoint is not None:
+        last = t == len(benchmark.train_stream) - 1  # the caller stores the finished run
+        if (checkpoint is not None and not last
+                and time.monotonic() - last_save >= checkpoint_every):
             save_checkpoint(strategy, checkpoint, extra={
                 "rows": rows, "train_seconds": train_seconds, "state": state or {}})
+            last_save = time.monotonic()
     return rows, train_seconds
 
 
@@ -240,11 +257,13 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
 
 def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str, seed: int,
               bottleneck: KeyValueBottleneck | None, codes: FrozenCodesPlugin | None,
-              store: RunStore | None, progress: bool = True) -> RunRecord:
+              store: RunStore | None, progress: bool = True, checkpoint_every: float = 0.0
+              ) -> RunRecord:
     """One strategy on one seed of a split benchmark; returns its record.
 
     With a ``store``, Avalanche's CSV logs go to its ``logs/`` and a continual run is
-    checkpointed after every experience and resumed from its last checkpoint.
+    checkpointed between experiences (see :func:`run_stream`) and resumed from its last
+    checkpoint.
     """
     spec = STRATEGIES[strategy_name]
     order = seed_class_order(config, seed)
@@ -274,7 +293,8 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
             rows = evaluate(strategy, stream, strategy_name, seed, config.n_experiences - 1)
         else:
             rows, train_seconds = run_stream(strategy, stream, strategy_name, seed,
-                                             checkpoint=checkpoint)
+                                             checkpoint=checkpoint,
+                                             checkpoint_every=checkpoint_every)
     finally:
         for logger in strategy.evaluator.loggers:
             if isinstance(logger, CSVLogger | MetricsCSVLogger):
@@ -323,7 +343,7 @@ class Workbench:
                              else (None, None))
         start = time.perf_counter()
         record = run_split(config, data, strategy, seed, bottleneck, codes, store,
-                           self.options.progress)
+                           self.options.progress, self.options.checkpoint_every)
         final = sum(r.accuracy for r in record.matrix
                     if r.trained_through == config.n_experiences - 1) / config.n_experiences
         log.info("seed %d %-12s final accuracy %.3f  (%.0f s)", seed, strategy, final,

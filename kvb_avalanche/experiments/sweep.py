@@ -313,7 +313,8 @@ def _remote_fit(config: ExperimentConfig, data: Any, seed: int) -> Any:
     return fit_bottleneck(config, data, seed, progress=False)
 
 
-def _remote_run(task: RunTask, data: Any, bottleneck: Any, threads: int) -> RunRecord:
+def _remote_run(task: RunTask, data: Any, bottleneck: Any, threads: int,
+                checkpoint_every: float) -> RunRecord:
     import torch
 
     from kvb_avalanche.plugin import FrozenCodesPlugin
@@ -322,7 +323,7 @@ def _remote_run(task: RunTask, data: Any, bottleneck: Any, threads: int) -> RunR
     store = RunStore(task.folder, task.config.to_dict())
     codes = FrozenCodesPlugin(progress=False) if bottleneck is not None else None
     return run_split(task.config, data, task.strategy, task.seed, bottleneck, codes, store,
-                     progress=False)
+                     progress=False, checkpoint_every=checkpoint_every)
 
 
 def _run_ray(tasks: list[RunTask], bench: Workbench,
@@ -353,7 +354,8 @@ def _run_ray(tasks: list[RunTask], bench: Workbench,
                 if kkey not in key_refs:
                     key_refs[kkey] = fit.remote(task.config, data_refs[dkey], task.seed)
                 keys_ref = key_refs[kkey]
-            ref = run.remote(task, data_refs[dkey], keys_ref, max(1, int(cpus)))
+            ref = run.remote(task, data_refs[dkey], keys_ref, max(1, int(cpus)),
+                             bench.options.checkpoint_every)
             pending[ref] = task
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
