@@ -39,6 +39,7 @@ from torch import Tensor
 
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.model import KVBModel
+from kvb_avalanche.sparse import trained_value_scale
 
 COUNTING_REGIME = 0.1
 
@@ -159,9 +160,7 @@ class ValueScale(_KVBMetric):
 
     @staticmethod
     def _scale(bn: KeyValueBottleneck) -> tuple[float, float]:
-        trained = bn.key_usage > 0  # (codebooks, pairs)
-        values = bn.values.detach()[trained].abs()  # (trained pairs, dim_values)
-        return (float(values.mean()), float(values.max())) if values.numel() else (0.0, 0.0)
+        return trained_value_scale(bn.values, bn.key_usage)
 
     def after_training_epoch(self, strategy: Any) -> list[MetricValue] | None:
         bn = _bottleneck(strategy)

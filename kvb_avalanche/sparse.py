@@ -163,7 +163,25 @@ def _strictly_sorted_kernel(where):
     return True
 
 
+def _trained_abs_kernel(values, usage, sums, maxes, workers):
+    """Per codebook c: sums[c] = sum and maxes[c] = max of |values[c, p]| over the pairs p
+    with usage[c, p] > 0, skipping the untrained ones (most, early in a stream)."""
+    codebooks, pairs, dim = values.shape
+    for w in prange(workers):
+        start, stop = _span(w, workers, codebooks)
+        for c in range(start, stop):
+            total, largest = 0.0, 0.0
+            for p in range(pairs):
+                if usage[c, p] > 0:
+                    for d in range(dim):
+                        a = abs(values[c, p, d])
+                        total += a
+                        largest = max(largest, a)
+            sums[c], maxes[c] = total, largest
+
+
 if numba is not None:
+    _trained_abs_kernel = numba.njit(cache=True, parallel=True)(_trained_abs_kernel)
     _strictly_sorted_kernel = numba.njit(cache=True)(_strictly_sorted_kernel)
     _span = numba.njit(cache=True, inline="always")(_span)
     _gather_kernel = numba.njit(cache=True, parallel=True)(_gather_kernel)
@@ -187,6 +205,28 @@ def count_fetches(usage: Tensor, indices: Tensor) -> None:
     """usage[c, indices[b, c, k]] += 1 for every (b, c, k); usage: (codebooks, pairs) long."""
     flat = indices.long().transpose(0, 1).reshape(usage.shape[0], -1)  # (codebooks, n)
     usage.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def trained_value_scale(values: Tensor, usage: Tensor) -> tuple[float, float]:
+    """Mean and max of |value| over the pairs fetched in training (``usage > 0``), (0, 0)
+    if none. values: (codebooks, pairs, dim); usage: (codebooks, pairs).
+
+    One pass that skips untrained pairs, without the (trained pairs, dim) copy that
+    ``values[usage > 0]`` makes: 420 MB at split CIFAR-100's 256 x 4096 x 100, after every
+    epoch. Sums are per codebook in float64, added in order: the same whatever the threads.
+    """
+    trained = usage > 0
+    n = int(trained.sum()) * values.shape[2]
+    if not n:
+        return 0.0, 0.0
+    if not _compiled(values, usage):
+        rows = values.detach()[trained].abs()  # (trained pairs, dim)
+        return float(rows.double().sum() / n), float(rows.max())
+    codebooks = values.shape[0]
+    sums, maxes = np.zeros(codebooks), np.zeros(codebooks)
+    _trained_abs_kernel(values.detach().numpy(), usage.numpy(), sums, maxes,
+                        _workers(codebooks))
+    return float(sums.sum() / n), float(maxes.max())
 
 
 def fetch_rows(values: Tensor, indices: Tensor, usage: Tensor | None = None) -> Tensor:

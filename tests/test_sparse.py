@@ -239,3 +239,15 @@ def test_fetch_rows_refuses_indices_of_the_wrong_shape_before_touching_memory():
                 torch.zeros(4, SHAPE[0], dtype=torch.long)):
         with pytest.raises(ValueError, match=r"indices must have shape \(batch, 6, topk\)"):
             sparse.fetch_rows(values, bad)
+
+
+def test_trained_value_scale_is_the_mean_and_max_over_fetched_pairs_only():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 50, 7, generator=g)
+    usage = (torch.rand(6, 50, generator=g) > 0.7).long() * 3
+    values[usage == 0] = 100.0  # untrained pairs must not count
+    rows = values[usage > 0].abs()  # (trained pairs, dim)
+    mean, largest = sparse.trained_value_scale(values, usage)
+    assert mean == pytest.approx(float(rows.double().mean()), rel=1e-12)
+    assert largest == float(rows.max()) < 100.0
+    assert sparse.trained_value_scale(values, torch.zeros_like(usage)) == (0.0, 0.0)
