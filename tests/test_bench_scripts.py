@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from torch import nn
 
-from benchmarks import bench_bottleneck, cached_step_breakdown, kvb_epochs
+from benchmarks import bench_bottleneck, cached_step_breakdown, dead_units, kvb_epochs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -53,3 +55,24 @@ def test_cached_step_breakdown_parts_add_up(tmp_path):
         # the csv keeps 6 digits
         assert rows["total"] == pytest.approx(rows.drop("total").sum(), rel=1e-4)
     assert (table[table.step == "reference"].ms_per_step > 0).all()
+
+
+def test_hidden_activity_counts_units_no_input_activates():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # unit 2 never fires; unit 1 on one row
+    dead, active = dead_units.hidden_activity(model, x)
+    assert dead == pytest.approx(1 / 3) and active == pytest.approx(1.5)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
+def test_dead_units_quick_writes_one_row_per_experience(tmp_path, cifar_cache):
+    out = tmp_path / "dead.csv"
+    table = dead_units.main(["--out", str(out), "--benchmark", "split_cifar10", "--quick",
+                             "--strategies", "naive", "--no-progress",
+                             "--cache-dir", str(cifar_cache)])
+    pd.testing.assert_frame_equal(pd.read_csv(out), table)
+    assert list(table.trained_through) == [0, 1, 2, 3, 4]
+    assert table.dead_fraction.between(0, 1).all() and (table.mean_active_units <= 128).all()
