@@ -168,10 +168,10 @@ def test_ray_sweep_gives_the_tables_of_the_local_one(local_sweep, cache, tmp_pat
         pd.testing.assert_frame_equal(a, b)
 
 
-def _failing_run(task, data, bottleneck, threads):
+def _failing_run(task, data, bottleneck, threads, checkpoint_every):
     if task.seed == 1 and task.strategy == "linear_probe":
         raise RuntimeError("this run breaks")
-    return _REAL_RUN(task, data, bottleneck, threads)
+    return _REAL_RUN(task, data, bottleneck, threads, checkpoint_every)
 
 
 _REAL_RUN = sweep_module._remote_run
