@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,38 @@ def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(local_swee
     cli(command)
     for a, b in zip(tables(local_sweep), tables(out), strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_sweep_grows_more_values_over_its_folder_and_refuses_another_setting(
+        local_sweep, cache, tmp_path, capsys):
+    out = tmp_path / "grown"
+    shutil.copytree(local_sweep, out)
+    stored = {p: p.read_bytes() for p in out.glob("points/*/runs/*.json")}
+    grown = {**SPEC, "parameters": {**SPEC["parameters"], "kvb_lr": {"values": [3.0, 10.0, 30.0]},
+                                    "seed": {"values": [0]}}}
+    cli(["sweep", str(write_spec(tmp_path / "grown.yaml", grown)), "--out", str(out),
+         "--no-progress", "--cache-dir", str(cache)])
+    assert all(p.read_bytes() == b for p, b in stored.items())  # resumed, not run again
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 2 * 3 * 2 and set(summary.kvb_lr) == {3.0, 10.0, 30.0}  # seed 0
+    kvb = summary[summary.strategy == "kvb"].set_index(["codebooks", "kvb_lr"])
+    before = pd.read_csv(local_sweep / "summary.csv").query("seed == 0 and strategy == 'kvb'")
+    for row in before.itertuples():  # the stored runs' numbers, unchanged
+        assert kvb.final_accuracy[row.codebooks, row.kvb_lr] == row.final_accuracy
+    assert (kvb.value_scale_mean.xs(30.0, level="kvb_lr")
+            > kvb.value_scale_mean.xs(10.0, level="kvb_lr")).all()  # the new value ran
+    assert json.loads((out / "config.json").read_text())["config"]["grid"]["kvb_lr"] == [
+        3.0, 10.0, 30.0]
+    # another fixed value is another experiment: refused, naming it, and nothing written
+    other = {**SPEC, "parameters": {**SPEC["parameters"], "epochs": {"value": 4}}}
+    config = (out / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["sweep", str(write_spec(tmp_path / "other.yaml", other)), "--out", str(out),
+             "--no-progress", "--cache-dir", str(cache)])
+    assert exit_.value.code == 2
+    assert "holds results of a different configuration: fixed" in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == config
+    assert all(p.read_bytes() == b for p, b in stored.items())
 
 
 @pytest.fixture(scope="module")

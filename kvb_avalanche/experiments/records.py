@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,15 @@ class RunStore:
     under ``OUT/checkpoints/``, and ``OUT/config.json``, the configuration's record.
 
     A different configuration pointed at the same ``OUT`` is refused (naming the fields that
-    differ) unless ``overwrite``, which discards the stored runs and checkpoints.
+    differ) unless ``overwrite``, which discards the stored runs and checkpoints. ``frame``
+    maps an identity to the part of it that must match (default: all of it), so that a sweep
+    may grow more values, seeds or strategies over the same folder.
     """
 
-    def __init__(self, out: Path, identity: dict, overwrite: bool = False) -> None:
+    def __init__(self, out: Path, identity: dict, overwrite: bool = False,
+                 frame: Callable[[dict], dict] | None = None) -> None:
         self.out, self.identity, self.overwrite = Path(out), identity, overwrite
+        self.frame = frame or (lambda identity: identity)
         self.runs = self.out / "runs"
 
     def check(self) -> None:
@@ -106,10 +111,10 @@ class RunStore:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError("out", f"{{out}} {self.out}: its config.json is unreadable ({e}); "
                               "use another {out}, or {overwrite}", ["overwrite"]) from e
-        differ = sorted(k for k in set(previous) | set(self.identity)
-                        if previous.get(k) != self.identity.get(k))
+        before, now = self.frame(previous), self.frame(self.identity)
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differ:
-            shown = ", ".join(f"{{{k}}} ({previous.get(k)!r} -> {self.identity.get(k)!r})"
+            shown = ", ".join(f"{{{k}}} ({before.get(k)!r} -> {now.get(k)!r})"
                               for k in differ)
             raise ConfigError("out", f"{{out}} {self.out} holds results of a different "
                               f"configuration: {shown}. Use another {{out}}, or {{overwrite}} "

@@ -111,6 +111,20 @@ class SweepSpec:
         return configs
 
 
+def sweep_frame(spec: dict) -> dict:
+    """What a sweep folder pins down: the experiment, the preset, the fixed values and which
+    fields are swept. Re-running it with other values, seeds or strategies extends it (each
+    point's own store still refuses a configuration that differs from its runs')."""
+    return {"experiment": spec.get("experiment"), "preset": spec.get("preset"),
+            "fixed": spec.get("fixed"), "parameters": list(spec.get("grid") or {})}
+
+
+def point_frame(config: dict) -> dict:
+    """What a grid point's folder pins down: its configuration but the seeds and strategies
+    (each run is stored on its own, by strategy and seed)."""
+    return {k: v for k, v in config.items() if k not in ("seeds", "strategies")}
+
+
 def point_name(point: dict[str, Any]) -> str:
     """A folder name for a grid point: field=value pairs, or 'base' for a grid of one."""
     if not point:
@@ -232,11 +246,11 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
     """
     options = options or RunOptions()
     check_engine(engine)
-    sweep_store = RunStore(out, spec.to_dict(), options.overwrite)
+    sweep_store = RunStore(out, spec.to_dict(), options.overwrite, frame=sweep_frame)
     sweep_store.check()
     points = spec.points()
     stores = {point_name(p): RunStore(out / "points" / point_name(p), c.to_dict(),
-                                      options.overwrite) for p, c in points}
+                                      options.overwrite, frame=point_frame) for p, c in points}
     for store in stores.values():
         store.check()
     bench = Workbench(options)
@@ -468,7 +482,9 @@ def _curves(ax, summary: pd.DataFrame, name: str, others: list[str], column: str
         ax.fill_between(x, stats["min"], stats["max"], alpha=0.15)
     if numeric and min(values) > 0 and max(values) / min(values) >= 8:
         ax.set_xscale("log", base=2)
-    ax.set_xticks([position[v] for v in values], [str(v) for v in values])
+    labels = [f"{v:g}" if numeric else str(v) for v in values]  # 300000.0 -> 300000
+    ax.set_xticks([position[v] for v in values], labels,
+                  rotation=30 if sum(map(len, labels)) > 20 else 0)
     ax.minorticks_off()
     ax.set_xlabel(name)
     ax.grid(alpha=0.3)
@@ -526,7 +542,8 @@ def sweep_records(out: Path, spec: SweepSpec) -> dict[tuple, RunRecord]:
     for point, config in spec.points():
         store = RunStore(out / "points" / point_name(point), config.to_dict())
         for record in store.records():
-            records[point_name(point), record.strategy, record.seed] = record
+            if record.seed in spec.seeds and record.strategy in spec.strategies:
+                records[point_name(point), record.strategy, record.seed] = record
     return records
 
 
