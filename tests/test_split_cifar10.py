@@ -63,8 +63,8 @@ def test_quick_run_writes_every_output(quick_run):
     checks = pd.read_csv(quick_run / "expectations.csv")
     assert list(checks.columns) == ["claim", "value", "goal", "status"] and len(checks) == 9
     assert set(checks.status) <= {"PASS", "FAIL"}
-    for needle in ("avalanche-lib", "git commit", "data_identity", "embedding_cache_identity",
-                   '"num_pairs": 256'):
+    for needle in ("avalanche-lib", "git commit", "uncommitted changes", "data_identity",
+                   "embedding_cache_identity", '"num_pairs": 256'):
         assert needle in config
     assert (quick_run / "logs" / "kvb-seed0" / "eval_results.csv").exists()
 

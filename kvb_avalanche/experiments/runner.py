@@ -359,10 +359,17 @@ def versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
     try:
         out["kvb-avalanche git commit"] = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True).stdout.strip()
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        # tracked files changed since that commit: the run's code is not the commit's
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, check=True).stdout.split("\n")
+        out["kvb-avalanche uncommitted changes"] = ", ".join(
+            line[3:] for line in changed if line) or "none"
     except (OSError, subprocess.CalledProcessError):
         out["kvb-avalanche git commit"] = None
     return out
