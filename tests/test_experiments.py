@@ -3,6 +3,7 @@ benchmark generators, the decoded-image cache, reports from stored runs, the whe
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,37 @@ def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):
     spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
     monkeypatch.setitem(STRATEGIES._specs, "mine", spec)
     assert ExperimentConfig(strategies=["kvb", "mine"]).strategies == ("kvb", "mine")
+
+
+def test_stored_keys_load_as_the_fitted_bottleneck_and_a_mismatch_names_the_file(tmp_path):
+    from kvb_avalanche.benchmarks.embedded import EmbeddedSplits
+    from kvb_avalanche.experiments.runner import fit_bottleneck, keys_path, load_keys, save_keys
+
+    x = torch.randn(600, 24, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(600) % 10
+    record = {"key_init": {"embedding_cache_identity": "a"}}
+    data = EmbeddedSplits((x, y), (x[:100], y[:100]), x, 10, {}, record)
+    config = ExperimentConfig(**QUICK)
+    fitted = fit_bottleneck(config, data, seed=3, progress=False)
+    path = keys_path(tmp_path, config, data, 3)
+    save_keys(fitted, path)
+    loaded = load_keys(config, data, 3, path)
+    assert bool(loaded.keys_frozen) and loaded.fingerprint() == fitted.fingerprint()
+    assert torch.equal(loaded.keys, fitted.keys) and not torch.equal(
+        loaded.keys, fit_bottleneck(config, data, seed=4, progress=False).keys)
+    assert loaded.fit_stats == fitted.fit_stats and loaded.fit_stats["ema_steps"] > 0
+    assert path.stat().st_size < 1.2 * (fitted.keys.numel() + fitted.projection.numel()) * 4
+    # what decides the keys names the file: another seed, key field or embedding differs
+    other_data = EmbeddedSplits((x, y), (x, y), x, 10, {},
+                                {"key_init": {"embedding_cache_identity": "b"}})
+    others = {keys_path(tmp_path, config, data, 4),
+              keys_path(tmp_path, config.replace(num_pairs=128), data, 3),
+              keys_path(tmp_path, config, other_data, 3)}
+    assert path not in others and len(others) == 3
+    assert keys_path(tmp_path, config.replace(kvb_lr=1.0, epochs=3), data, 3) == path
+    with pytest.raises(ValueError, match=re.escape(f"stored keys {path} hold projection of "
+                                                   "shape (32, 24, 8), not (32, 24, 4)")):
+        load_keys(config.replace(dim_keys=4), data, 3, path)
 
 
 # ---------------------------------------------------------------------------- data

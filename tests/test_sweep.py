@@ -153,9 +153,14 @@ def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(local_swee
 
 
 def test_a_sweep_grows_more_values_over_its_folder_and_refuses_another_setting(
-        local_sweep, cache, tmp_path, capsys):
+        local_sweep, cache, tmp_path, capsys, monkeypatch):
+    from kvb_avalanche.experiments import runner
+
     out = tmp_path / "grown"
     shutil.copytree(local_sweep, out)
+    # the keys of each (codebooks, seed), stored as fitted: the new kvb_lr reuses them
+    assert len(list((out / "checkpoints" / "keys").glob("keys-*.pt"))) == 2 * 2
+    monkeypatch.setattr(runner, "fit_bottleneck", lambda *a, **k: pytest.fail("keys refitted"))
     stored = {p: p.read_bytes() for p in out.glob("points/*/runs/*.json")}
     grown = {**SPEC, "parameters": {**SPEC["parameters"], "kvb_lr": {"values": [3.0, 10.0, 30.0]},
                                     "seed": {"values": [0]}}}

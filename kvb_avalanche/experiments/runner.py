@@ -4,12 +4,15 @@ Every strategy is trained on the same stream and measured by the same evaluation
 after every experience on the whole test stream (:func:`run_stream`), so KVB and the
 baselines are measured by exactly the same code. A run's record is stored the moment it
 finishes; a continual run is checkpointed between experiences (at most every
-``RunOptions.checkpoint_every`` seconds) and resumed from there.
+``RunOptions.checkpoint_every`` seconds) and resumed from there; a seed's fitted keys are
+stored under ``OUT/checkpoints/keys/`` and read back instead of fitted again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import subprocess
 import time
@@ -46,6 +49,7 @@ from kvb_avalanche.experiments.reports import (
     write_toy_reports,
 )
 from kvb_avalanche.experiments.strategies import STRATEGIES, TOY, BuildContext
+from kvb_avalanche.io import atomic_write
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.metrics import MetricsCSVLogger, kvb_metrics
 from kvb_avalanche.model import KVBModel
@@ -222,6 +226,16 @@ def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:
     return class_order(config.num_classes, seed if config.shuffle_classes else None)
 
 
+def new_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int
+                   ) -> KeyValueBottleneck:
+    """The seed's bottleneck before its keys are fitted (projection drawn from the seed)."""
+    return KeyValueBottleneck(data.dim, config.codebooks, config.num_pairs, config.dim_keys,
+                              config.values_dim, topk=config.topk, values_init="zeros",
+                              seed=seed, mask_unused_keys=config.mask_unused_keys,
+                              sparse_grad=True,
+                              key_init="random" if config.key_init == "official" else "kmeans")
+
+
 def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
                    progress: bool = True) -> KeyValueBottleneck:
     """The seed's bottleneck, keys fitted without labels by :class:`KVBPlugin` and frozen,
@@ -231,10 +245,7 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     first experience's training embeddings, shuffled by the seed.
     """
     official = config.key_init == "official"
-    bn = KeyValueBottleneck(data.dim, config.codebooks, config.num_pairs, config.dim_keys,
-                            config.values_dim, topk=config.topk, values_init="zeros", seed=seed,
-                            mask_unused_keys=config.mask_unused_keys, sparse_grad=True,
-                            key_init="random" if official else "kmeans")
+    bn = new_bottleneck(config, data, seed)
     x = data.key_init
     if x is None:
         per_experience = config.num_classes // config.n_experiences
@@ -253,6 +264,43 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(
         model.to(device), device=device)
     return bn.cpu()
+
+
+# what a stored bottleneck keeps: the rest is as new_bottleneck builds it (values zero, no
+# fetches counted), and the EMA state is not needed once the keys are frozen
+STORED_KEYS = ("projection", "keys")
+
+
+def keys_path(folder: Path, config: ExperimentConfig, data: EmbeddedSplits, seed: int
+              ) -> Path:
+    """Where ``folder`` stores the seed's fitted keys: named by a digest of what decides
+    them, the key identity and the embeddings' identities."""
+    embeddings = {split: r.get("embedding_cache_identity") for split, r in data.record.items()}
+    ident = json.dumps([key_identity(config, seed), embeddings], sort_keys=True)
+    return Path(folder) / f"keys-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.pt"
+
+
+def save_keys(bottleneck: KeyValueBottleneck, path: Path) -> None:
+    """Store fitted, frozen keys (with their fit's statistics) for :func:`load_keys`."""
+    payload = {"buffers": {n: getattr(bottleneck, n) for n in STORED_KEYS},
+               "fit_stats": bottleneck.fit_stats}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_keys(config: ExperimentConfig, data: EmbeddedSplits, seed: int, path: Path
+              ) -> KeyValueBottleneck:
+    """The bottleneck :func:`fit_bottleneck` gave when it stored ``path``, keys frozen."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    bn = new_bottleneck(config, data, seed)
+    for name, tensor in payload["buffers"].items():
+        if getattr(bn, name).shape != tensor.shape:
+            raise ValueError(f"stored keys {path} hold {name} of shape {tuple(tensor.shape)}, "
+                             f"not {tuple(getattr(bn, name).shape)}: delete the file to refit")
+        getattr(bn, name).copy_(tensor)
+    bn.keys_initialized.fill_(True)
+    bn.freeze_keys()
+    bn.fit_stats = payload["fit_stats"]
+    return bn
 
 
 def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str, seed: int,
@@ -315,8 +363,8 @@ class Workbench:
     """Runs split-benchmark runs in this process, embedding each configuration's data and
     fitting each seed's keys once, for every run that shares them."""
 
-    def __init__(self, options: RunOptions) -> None:
-        self.options = options
+    def __init__(self, options: RunOptions, keys_dir: Path | None = None) -> None:
+        self.options, self.keys_dir = options, keys_dir
         self._data: dict[tuple, EmbeddedSplits] = {}
         self._keys: dict[tuple, tuple[KeyValueBottleneck, FrozenCodesPlugin]] = {}
 
@@ -330,11 +378,27 @@ class Workbench:
              ) -> tuple[KeyValueBottleneck, FrozenCodesPlugin]:
         key = key_identity(config, seed)
         if key not in self._keys:
-            bottleneck = fit_bottleneck(config, self.data(config), seed, self.options.progress)
+            bottleneck = self._stored_or_fitted(config, seed)
             self._keys = {key: (bottleneck, FrozenCodesPlugin(progress=self.options.progress))}
         bottleneck, codes = self._keys[key]
         bottleneck.mask_unused_keys = config.mask_unused_keys  # not part of the keys
         return bottleneck, codes
+
+    def keys_path(self, config: ExperimentConfig, seed: int) -> Path | None:
+        """Where the seed's keys are stored (None: they are not)."""
+        return None if self.keys_dir is None else keys_path(self.keys_dir, config,
+                                                            self.data(config), seed)
+
+    def _stored_or_fitted(self, config: ExperimentConfig, seed: int) -> KeyValueBottleneck:
+        """Keys stored by an earlier (perhaps killed) run, else fitted and stored."""
+        path = self.keys_path(config, seed)
+        if path is not None and path.exists():
+            log.info("seed %d: keys stored by an earlier run: %s", seed, path)
+            return load_keys(config, self.data(config), seed, path)
+        bottleneck = fit_bottleneck(config, self.data(config), seed, self.options.progress)
+        if path is not None:
+            save_keys(bottleneck, path)
+        return bottleneck
 
     def run(self, config: ExperimentConfig, strategy: str, seed: int,
             store: RunStore | None = None) -> RunRecord:
@@ -389,7 +453,7 @@ def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | No
     device = device_of(config)
     store = RunStore(out, config.to_dict(), options.overwrite)
     store.check()
-    bench = Workbench(options)
+    bench = Workbench(options, keys_dir=store.checkpoints / "keys")
     data = bench.data(config)
     store.open({"kind": config.kind, "options": {k: str(v) for k, v in vars(options).items()},
                 "device": str(device), "versions": versions(), "encoder": data.encoder,

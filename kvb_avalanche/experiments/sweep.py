@@ -13,7 +13,9 @@ A spec has the shape of the paper's official sweep files (wandb's)::
 
 Each grid point is a configuration with its own folder ``DIR/points/<name>/`` (runs,
 checkpoints, logs, as an experiment's ``OUT``); every run lands there the moment it
-finishes, and re-running the same command resumes. A run that does not depend on a swept
+finishes, and re-running the same command resumes. Each seed's keys are stored under
+``DIR/checkpoints/keys/`` the moment they are fitted (named by what decides them), so a
+killed or grown sweep does not fit them again. A run that does not depend on a swept
 field (a baseline, when only the bottleneck's fields are swept) runs once per seed and is
 stored at every point that shares it: the baselines are references, not repeated work.
 ``DIR/summary.csv`` and ``DIR/accuracy_matrix.csv`` cover the whole grid with one column per
@@ -59,8 +61,10 @@ from kvb_avalanche.experiments.runner import (
     data_identity,
     fit_bottleneck,
     key_identity,
+    load_keys,
     run_identity,
     run_split,
+    save_keys,
     versions,
 )
 from kvb_avalanche.experiments.strategies import STRATEGIES
@@ -253,7 +257,7 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
                                       options.overwrite, frame=point_frame) for p, c in points}
     for store in stores.values():
         store.check()
-    bench = Workbench(options)
+    bench = Workbench(options, keys_dir=sweep_store.checkpoints / "keys")
     for _, config in points:  # every data set embedded (or found cached) before a file is written
         bench.data(config)
     sweep_store.open({"kind": "sweep", "versions": versions(),
@@ -354,6 +358,7 @@ def _run_ray(tasks: list[RunTask], bench: Workbench,
     try:
         data_refs: dict[tuple, Any] = {}
         key_refs: dict[tuple, Any] = {}
+        fits: dict[Any, Path] = {}  # a fit in flight -> where its keys are stored
         fit = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries)(_remote_fit)
         run = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                          retry_exceptions=retries > 0)(_remote_run)
@@ -366,13 +371,27 @@ def _run_ray(tasks: list[RunTask], bench: Workbench,
             if STRATEGIES[task.strategy].uses_bottleneck:
                 kkey = key_identity(task.config, task.seed)
                 if kkey not in key_refs:
-                    key_refs[kkey] = fit.remote(task.config, data_refs[dkey], task.seed)
+                    path = bench.keys_path(task.config, task.seed)
+                    if path is not None and path.exists():  # stored by an earlier run
+                        key_refs[kkey] = ray.put(load_keys(task.config, bench.data(task.config),
+                                                           task.seed, path))
+                    else:
+                        key_refs[kkey] = fit.remote(task.config, data_refs[dkey], task.seed)
+                        if path is not None:
+                            fits[key_refs[kkey]] = path
                 keys_ref = key_refs[kkey]
             ref = run.remote(task, data_refs[dkey], keys_ref, max(1, int(cpus)),
                              bench.options.checkpoint_every)
             pending[ref] = task
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+        while pending or fits:
+            ready, _ = ray.wait([*fits, *pending], num_returns=1)
+            if ready[0] in fits:  # stored the moment it arrives, as a run's record is
+                path = fits.pop(ready[0])
+                try:
+                    save_keys(ray.get(ready[0]), path)
+                except ray.exceptions.RayError:
+                    pass  # the runs that needed these keys report the failure
+                continue
             task = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
