@@ -116,12 +116,14 @@ def test_killed_run_resumes_finished_runs_and_kvb_mid_stream_to_the_clean_tables
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert 2 <= _experiences_done(checkpoint) < 5
     assert sorted(p.name for p in (killed / "runs").glob("*.json")) == ["linear_probe-seed0.json"]
+    assert len(list((killed / "checkpoints" / "keys").glob("keys-*.pt"))) == 1  # as fitted
     split_cifar10.main(command(killed, cache, *args))
     for a, b in zip(tables(clean), tables(killed), strict=True):
         pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(pd.read_csv(clean / "key_sharing.csv"),
                                   pd.read_csv(killed / "key_sharing.csv"))
     assert not checkpoint.exists()  # gone once the run's record is written
+    assert not (killed / "checkpoints" / "keys").exists()  # and the keys once every run's is
     # the resumed KVB logged every experience once, into the logs it had started
     logs = [pd.read_csv(out / "logs" / "kvb-seed0" / "eval_results.csv") for out in (clean, killed)]
     pd.testing.assert_frame_equal(logs[0], logs[1])
