@@ -92,7 +92,9 @@ def lloyd_start(
         keys = z[perm[:, : bn.num_pairs].T, torch.arange(bn.codebooks)].transpose(0, 1)
     else:
         keys = _sample_rows(z, (bn.codebooks, bn.num_pairs), generator)
-        keys = keys + 1e-3 * keys.std() * torch.randn(keys.shape, generator=generator)
+        # drawn on the CPU generator whatever the device: the same keys on every device
+        jitter = torch.randn(keys.shape, generator=generator).to(keys.device)
+        keys = keys + 1e-3 * keys.std() * jitter
     bn.keys.copy_(keys)
     counts = sums = None
     for _ in tqdm(range(iters), desc="fitting keys (Lloyd k-means start)", disable=not progress):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import blob_embeddings
 
@@ -65,6 +66,26 @@ def test_zero_lloyd_iterations_keep_the_sampled_points():
     torch.testing.assert_close(bn.ema_counts.sum(1), torch.ones(3))
     lloyd_start(bn, z, 2, torch.Generator().manual_seed(0))
     assert not all(sampled(c) for c in range(3))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("samples", [40, 400], ids=["fewer_samples_than_keys", "more"])
+def test_fit_on_a_device_gives_the_cpu_keys(device, samples):
+    """Random draws come from the CPU generator, so a GPU fit starts from the CPU's keys
+    (both Lloyd branches: sampled with jitter when n < pairs, a permutation otherwise)."""
+    points, _, _ = blob_embeddings(8, samples // 8, 6)
+    fitted = []
+    for on in ("cpu", device):
+        bn = KeyValueBottleneck(6, 3, 64, 2, 4, seed=0).to(on)
+        stats = fit_keys(bn, [points[: samples // 2], points[samples // 2 :]],
+                         KeyFitConfig(epochs=2, seed=3), progress=False)
+        assert bn.keys.device.type == torch.device(on).type
+        fitted.append((bn.keys.cpu(), stats["keys_in_use"]))
+    torch.testing.assert_close(fitted[1][0], fitted[0][0], atol=1e-4, rtol=1e-4)
+    assert fitted[1][1] == fitted[0][1]
 
 
 def test_official_key_init_preset(monkeypatch):
