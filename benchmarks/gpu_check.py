@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     # float16 autocast on the device against float32 on the CPU, same images
     images = load_cifar("cifar10", "test", root=args.data_root, max_per_class=args.compare // 10,
                         progress=False).images
-    embed_images(encoder, images[:8], resolution, device=device, progress=False)  # warm-up
+    # warm-up at the timed shapes: the first GPU batch of a shape pays the backend's start-up
+    embed_images(encoder, images, resolution, device=device, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench_bottleneck, cached_step_breakdown, dead_units, kvb_epochs
+from benchmarks import bench_bottleneck, cached_step_breakdown, dead_units, gpu_check, kvb_epochs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -76,3 +76,31 @@ def test_dead_units_quick_writes_one_row_per_experience(tmp_path, cifar_cache):
     pd.testing.assert_frame_equal(pd.read_csv(out), table)
     assert list(table.trained_through) == [0, 1, 2, 3, 4]
     assert table.dead_fraction.between(0, 1).all() and (table.mean_active_units <= 128).all()
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
+def test_gpu_check_dry_run_on_the_cpu_compares_both_runs(tmp_path, cifar_cache):
+    """--device cpu runs the check's whole path: both experiments agree exactly."""
+    import json
+
+    out = tmp_path / "check"
+    code = gpu_check.main(["--out", str(out), "--device", "cpu", "--data-root", str(SHARED),
+                           "--cache-dir", str(cifar_cache), "--encoder", "efficientnet_lite0",
+                           "--resolution", "32", "--max-per-class", "10", "--codebooks", "4",
+                           "--num-pairs", "16", "--key-init-data", "cifar10", "--compare", "10"])
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert code == 0 and report["passed"] and all(report["checks"].values())
+    assert set(report["final_accuracy"]["device"]) == set(gpu_check.STRATEGIES)
+    assert report["final_accuracy"]["device"] == report["final_accuracy"]["cpu"]
+    assert set(report["final_accuracy_gap"].values()) == {0.0}
+    assert report["min_cosine_device_vs_cpu_float32"] > 0.999
+    for device in ("device", "cpu"):
+        summary = pd.read_csv(out / device / "summary.csv")
+        assert summary.final_accuracy.between(0, 1).all()
+
+
+def test_gpu_check_random_weights_need_a_torchvision_encoder(tmp_path):
+    with pytest.raises(SystemExit, match="--encoder 'efficientnet_lite0'"):
+        gpu_check.main(["--out", str(tmp_path / "x"), "--device", "cpu", "--random-weights",
+                        "--encoder", "efficientnet_lite0"])
+    assert not (tmp_path / "x").exists()
