@@ -175,3 +175,21 @@ def test_unwritable_out_is_refused(tmp_path, cache, capsys):
     with pytest.raises(SystemExit) as exit_:
         split_cifar10.main(command(blocker / "out", cache))
     assert exit_.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
+
+
+def test_keys_fitted_on_the_first_experience_run_end_to_end(tmp_path, cache):
+    """--key-init-data none: no key-initialisation split; the keys (and their stored file's
+    name) come from the first experience's embeddings."""
+    import json
+
+    out = tmp_path / "none"
+    split_cifar10.main(command(out, cache, "--strategies", "kvb", "kvb_joint",
+                               "--key-init-data", "none"))
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["key_init_data"] == "none"
+    assert record["data"].get("key_init") is None and record["data"]["cifar10_train"]
+    summary = pd.read_csv(out / "summary.csv").set_index("strategy")
+    assert set(summary.index) == {"kvb", "kvb_joint"}
+    assert (summary.final_accuracy > 0.15).all()  # chance is 0.1
+    run = json.loads((out / "runs" / "kvb-seed0.json").read_text())
+    assert 0 < run["key_fit"]["keys_in_use"] <= 1

@@ -277,7 +277,9 @@ def keys_path(folder: Path, config: ExperimentConfig, data: EmbeddedSplits, seed
               ) -> Path:
     """Where ``folder`` stores the seed's fitted keys: named by a digest of what decides
     them, the key identity and the embeddings' identities."""
-    embeddings = {split: r.get("embedding_cache_identity") for split, r in data.record.items()}
+    # key_init_data "none" has no key_init record: the keys come from the train split's
+    embeddings = {split: r and r.get("embedding_cache_identity")
+                  for split, r in data.record.items()}
     ident = json.dumps([key_identity(config, seed), embeddings], sort_keys=True)
     return Path(folder) / f"keys-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.pt"
 
