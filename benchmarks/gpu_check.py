@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         tables[name] = run_experiment(cfg, args.out / name, options)
         seconds[name] = time.perf_counter() - start
     accuracy = {name: table.set_index("strategy")["final_accuracy_mean"].to_dict()
-                if "strategy" in table.columns else table["final_accuracy_mean"].to_dict()
                 for name, table in tables.items()}
     gaps = {s: abs(accuracy["device"][s] - accuracy["cpu"][s]) for s in accuracy["device"]}
     checks = {
