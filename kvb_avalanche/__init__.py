@@ -1,17 +1,23 @@
 """Discrete Key-Value Bottleneck (Träuble et al., ICML 2023) for Avalanche."""
 
+import warnings
+
 import kvb_avalanche_tv_compat as _tv_compat
 
 _tv_compat.install_hook()  # before anything imports torchvision (Avalanche does)
 
-from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
-from kvb_avalanche.codes import CodesLoader  # noqa: E402
-from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
-from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
-from kvb_avalanche.model import KVBModel  # noqa: E402
-from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
-from kvb_avalanche.sparse import SparseSGD  # noqa: E402
-from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
+with warnings.catch_warnings():
+    # Avalanche imports qpsolvers for GEM at import time, which warns on every start when no
+    # QP solver is installed; nothing here uses GEM, so the warning is only noise.
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
+    from kvb_avalanche.codes import CodesLoader  # noqa: E402
+    from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
+    from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
+    from kvb_avalanche.model import KVBModel  # noqa: E402
+    from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
+    from kvb_avalanche.sparse import SparseSGD  # noqa: E402
+    from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
 
 __version__ = "0.1.0"
 

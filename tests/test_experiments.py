@@ -97,6 +97,19 @@ def test_quick_flag_keeps_the_flags_given_from_a_shell(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "5"
 
 
+def test_the_command_starts_without_avalanches_qp_solver_warning():
+    """Avalanche imports qpsolvers (for GEM), which warns at import when no QP solver is
+    installed; `kvb-avalanche` does not use GEM, so its users should not see that on every run."""
+    qpsolvers = pytest.importorskip("qpsolvers")
+    if qpsolvers.available_solvers:
+        pytest.skip("a QP solver is installed, so qpsolvers does not warn")
+    out = subprocess.run([sys.executable, "-W", "always", "-m", "kvb_avalanche.cli", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "kvb-avalanche" in out.stdout
+    assert "QP solver" not in out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+
+
 # ---------------------------------------------------------------------------- registry
 def test_registry_says_which_strategies_are_joint_and_use_the_bottleneck():
     assert {s for s in STRATEGIES if STRATEGIES[s].joint} == {"joint_linear", "kvb_joint"}
