@@ -58,6 +58,15 @@ class KeyFitConfig:
         if self.kmeans_iters < 0 or self.kmeans_samples < 1:
             raise ValueError("kmeans_iters must be >= 0 and kmeans_samples >= 1")
 
+    @classmethod
+    def official(cls, epochs: int, seed: int = 0) -> KeyFitConfig:
+        """The official code's fitting: no Lloyd start (the keys start as the bottleneck's
+        Gaussian draw, ``key_init="random"``), EMA at decay 0.95, and its dead-code threshold
+        ``0.1 x batch / num_pairs`` on batch counts, which is 0.1 of a uniform share in the
+        per-sample fractions kept here."""
+        return cls(epochs=epochs, decay=0.95, dead_code_threshold=0.1, kmeans_start=False,
+                   seed=seed)
+
 
 def _assign_stats(z: Tensor, indices: Tensor, num_pairs: int) -> tuple[Tensor, Tensor]:
     """Per-key counts (codebooks, pairs) and sums (codebooks, pairs, dim_keys) of heads z.

@@ -115,3 +115,34 @@ def test_official_key_init_preset(monkeypatch):
     start = KeyValueBottleneck(12, 4, 16, 3, 10, key_init="random", seed=0).keys
     assert not torch.equal(bn.keys, start)  # fitted from the Gaussian start
     assert key_identity(config, 0) != key_identity(config.replace(key_init="ours"), 0)
+
+
+def test_official_preset_makes_the_official_codes_step_in_batch_count_units():
+    """One EMA step of KeyFitConfig.official, computed by hand in the official code's units:
+    counts and sums in batch counts (here x 8), decay 0.95, dead below 0.1 x batch / pairs."""
+    batch, pairs = 8, 5
+    bn = KeyValueBottleneck(1, 1, pairs, 1, 2, projection="chunk", key_init="random")
+    bn.keys.copy_(torch.tensor([0.0, 1.0, 2.0, 10.0, 20.0]).view(1, pairs, 1))
+    # per-sample fractions; in batch counts 2.8, 2.4, 2.464, 0.16, 0.176
+    bn.ema_counts.copy_(torch.tensor([[0.35, 0.3, 0.308, 0.02, 0.022]]))
+    bn.ema_sums.copy_(bn.keys * bn.ema_counts[..., None])
+    z = torch.tensor([0.2, 0.4, 0.9, 1.3, 1.1, 2.2, 1.8, 2.6]).view(batch, 1, 1)
+    cfg = KeyFitConfig.official(epochs=1)
+    assert (cfg.decay, cfg.dead_code_threshold, cfg.kmeans_start) == (0.95, 0.1, False)
+    replaced = ema_step(bn, z, cfg, torch.Generator().manual_seed(0))
+
+    # nearest keys: 0 <- {0.2, 0.4}, 1 <- {0.9, 1.3, 1.1}, 2 <- {2.2, 1.8, 2.6}, none for 10, 20
+    # counts: 0.95 * [2.8, 2.4, 2.464, 0.16, 0.176] + 0.05 * [2, 3, 3, 0, 0]
+    #       = [2.76, 2.43, 2.4908, 0.152, 0.1672]; the threshold is 0.1 x 8 / 5 = 0.16, so
+    # the key at 10 (0.152) dies and is reset to 0.16, the key at 20 (0.1672) lives.
+    # sums:  0.95 * [0, 2.4, 4.928, -, 3.52] + 0.05 * [0.6, 3.3, 6.6, -, 0]
+    #       = [0.03, 2.445, 5.0116, -, 3.344]; keys = sums / counts
+    assert replaced == 1
+    counts = bn.ema_counts[0] * batch
+    torch.testing.assert_close(counts, torch.tensor([2.76, 2.43, 2.4908, 0.16, 0.1672]))
+    keys = bn.keys[0, :, 0]
+    torch.testing.assert_close(keys[[0, 1, 2, 4]],  # Laplace smoothing moves them by < 1e-3
+                               torch.tensor([0.03 / 2.76, 2.445 / 2.43, 5.0116 / 2.4908, 20.0]),
+                               rtol=1e-3, atol=1e-6)
+    assert keys[3].item() in z.flatten().tolist()  # the dead key restarts on a batch head
+    torch.testing.assert_close(bn.ema_sums[0, 3, 0], keys[3] * 0.16 / batch)

@@ -246,7 +246,6 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     Keys are fitted on the key-initialisation data, or with ``key_init_data='none'`` on the
     first experience's training embeddings, shuffled by the seed.
     """
-    official = config.key_init == "official"
     bn = new_bottleneck(config, data, seed)
     x = data.key_init
     if x is None:
@@ -255,9 +254,8 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
         x = data.train[0][torch.isin(data.train[1], first)]
     perm = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
     batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
-    if official:  # threshold 0.1 x batch / pairs on batch counts = 0.1 of a uniform share
-        fit = KeyFitConfig(epochs=config.key_epochs, decay=0.95, dead_code_threshold=0.1,
-                           kmeans_start=False, seed=seed)
+    if config.key_init == "official":
+        fit = KeyFitConfig.official(config.key_epochs, seed=seed)
     else:
         fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
                            kmeans_iters=config.kmeans_iters, seed=seed)
