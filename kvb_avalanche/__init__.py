@@ -10,14 +10,14 @@ with warnings.catch_warnings():
     # Avalanche imports qpsolvers for GEM at import time, which warns on every start when no
     # QP solver is installed; nothing here uses GEM, so the warning is only noise.
     warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
-    from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup  # noqa: E402
-    from kvb_avalanche.codes import CodesLoader  # noqa: E402
-    from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder  # noqa: E402
-    from kvb_avalanche.keys import KeyFitConfig, fit_keys  # noqa: E402
-    from kvb_avalanche.model import KVBModel  # noqa: E402
-    from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin  # noqa: E402
-    from kvb_avalanche.sparse import SparseSGD  # noqa: E402
-    from kvb_avalanche.strategy import KVBStrategy  # noqa: E402
+    from kvb_avalanche.bottleneck import KeyValueBottleneck, Lookup
+    from kvb_avalanche.codes import CodesLoader
+    from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder
+    from kvb_avalanche.keys import KeyFitConfig, fit_keys
+    from kvb_avalanche.model import KVBModel
+    from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
+    from kvb_avalanche.sparse import SparseSGD
+    from kvb_avalanche.strategy import KVBStrategy
 
 __version__ = "0.1.0"
 

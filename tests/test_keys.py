@@ -109,8 +109,7 @@ def test_official_key_init_preset(monkeypatch):
     config = ExperimentConfig(key_init="official", key_epochs=3, codebooks=4, num_pairs=16,
                               dim_keys=3, batch_size=100, strategies=("kvb",))
     bn = fit_bottleneck(config, data, seed=0, progress=False)
-    assert len(seen) == 3 * 3 and all(c.dead_code_threshold == 0.1 and c.decay == 0.95
-                                      and not c.kmeans_start for c in seen)
+    assert len(seen) == 3 * 3 and all(c == KeyFitConfig.official(3, seed=0) for c in seen)
     assert bn.fit_stats["ema_steps"] == 9 and bool(bn.keys_frozen)
     start = KeyValueBottleneck(12, 4, 16, 3, 10, key_init="random", seed=0).keys
     assert not torch.equal(bn.keys, start)  # fitted from the Gaussian start
