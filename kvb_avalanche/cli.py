@@ -2,7 +2,7 @@
 
     kvb-avalanche split-cifar10 --out OUT [--quick] [--seeds 0 1 2] [--kvb-epochs 10] ...
     kvb-avalanche toy-2d --out OUT
-    kvb-avalanche sweep SPEC.yaml --out DIR [--quick] [--engine local|ray] [--address ADDR]
+    kvb-avalanche sweep SPEC.yaml --out DIR [--quick] [--engine local|ray|slurm] [--retries N]
     kvb-avalanche report DIR
 
 Every configuration field is a flag (``--field-name``); bad input stops with a message
@@ -151,16 +151,22 @@ def _toy(args: argparse.Namespace) -> Any:
 
 
 def _sweep(args: argparse.Namespace) -> Any:
-    from kvb_avalanche.experiments.sweep import check_engine, load_spec, run_sweep
+    from kvb_avalanche.experiments.engines import EngineOptions, engine_class, import_modules
+    from kvb_avalanche.experiments.sweep import load_spec, run_sweep
 
-    check_engine(args.engine)
+    engine = engine_class(args.engine)
+    engine_options = EngineOptions(
+        retries=args.retries, address=args.address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, partition=args.partition, time_min=args.time_min,
+        mem_gb=args.mem_gb, imports=tuple(args.imports))
+    engine.check_options(engine_options)
+    import_modules(engine_options.imports)  # their strategies are valid names in the spec
     spec = load_spec(args.spec)
     if args.quick:
         spec = spec.quick()
     check_out(args.out)
     summary = run_sweep(spec, args.out, options_from(args), engine=args.engine,
-                        address=args.address, cpus_per_run=args.cpus_per_run,
-                        gpus_per_run=args.gpus_per_run, retries=args.retries)
+                        engine_options=engine_options)
     if len(summary):
         columns = [*spec.grid, "strategy"]
         means = summary.groupby(columns, sort=False)[["final_accuracy", "average_forgetting"]]
@@ -250,16 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, required=True, help="output folder")
     sweep.add_argument("--quick", action="store_true",
                        help="a first look: the same grid on the --quick preset, first seed only")
-    sweep.add_argument("--engine", default="local", metavar="ENGINE",
-                       help="local (in this process, one run after another) or ray (each run "
-                            "a Ray task; pip install 'kvb-avalanche[ray]')")
-    sweep.add_argument("--address", default=None,
-                       help="with --engine ray: the cluster to join ('auto', or host:port); "
-                            "default: start a local one")
-    sweep.add_argument("--cpus-per-run", type=float, default=1, help="Ray CPUs per run")
-    sweep.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run")
-    sweep.add_argument("--retries", type=int, default=1,
-                       help="Ray: times a failed run (or a dead worker's) is retried")
+    engines = sweep.add_argument_group(
+        "engines", "where the runs execute; an option the chosen engine cannot honour, or a "
+        "request its cluster cannot meet, is refused before anything is written")
+    engines.add_argument("--engine", default="local", metavar="ENGINE",
+                         help="local (in this process, one run after another), ray (each run "
+                              "a Ray task; pip install 'kvb-avalanche[ray]') or slurm (SLURM "
+                              "job arrays through submitit; pip install 'kvb-avalanche[slurm]')")
+    engines.add_argument("--retries", type=int, default=1,
+                         help="times a failed run is submitted again, on every engine "
+                              "(default: %(default)s)")
+    engines.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE",
+                         help="import MODULE first (it registers strategies); Ray and SLURM "
+                              "workers import it too (repeatable)")
+    engines.add_argument("--address", default=None,
+                         help="ray: the cluster to join ('auto', or host:port); default: "
+                              "start a local one")
+    engines.add_argument("--cpus-per-run", type=float, default=None,
+                         help="ray, slurm: CPUs per run (default 1)")
+    engines.add_argument("--gpus-per-run", type=float, default=None,
+                         help="ray, slurm: GPUs per run (default 0)")
+    engines.add_argument("--partition", default=None,
+                         help="slurm: the partition (default: the cluster's default)")
+    engines.add_argument("--time-min", type=int, default=None, metavar="MINUTES",
+                         help="slurm: a job's time limit (default: 1440)")
+    engines.add_argument("--mem-gb", type=float, default=None,
+                         help="slurm: a job's memory (default: the partition's)")
     add_run_flags(sweep)
     sweep.set_defaults(func=_sweep, parser=sweep)
 
@@ -281,8 +304,9 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return args.func(args)
     except ConfigError as e:  # fields the command has flags for are named by their flags
-        flags = {a.dest for a in command._actions if a.option_strings}  # noqa: SLF001
-        message = e.render(lambda name: flag(name) if name in flags else name)
+        flags = {a.dest: a.option_strings[0] for a in command._actions  # noqa: SLF001
+                 if a.option_strings and a.option_strings[0].startswith("--")}
+        message = e.render(lambda name: flags.get(name, name))
         command.exit(2, f"{command.prog}: error: {message}\n")
     except DataError as e:
         command.exit(2, f"{command.prog}: error: {e}\n")

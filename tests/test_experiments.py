@@ -128,20 +128,27 @@ def _config_fields_read(node: ast.AST) -> set[str]:
         or (isinstance(a.value, ast.Attribute) and a.value.attr == "config"))}
 
 
-def test_the_baselines_read_no_bottleneck_field_so_sweeps_may_share_their_runs():
-    # a sweep runs a baseline once per seed across points that differ in BOTTLENECK_FIELDS
+def test_every_field_a_builder_reads_is_declared_to_change_its_runs():
+    # a sweep shares a run across points that differ only in fields not declared for its
+    # stage: a builder reading an undeclared field would silently share a wrong run
     from kvb_avalanche.experiments import strategies
-    from kvb_avalanche.experiments.runner import BOTTLENECK_FIELDS, run_identity
+    from kvb_avalanche.experiments.identity import Stage, changes
+    from kvb_avalanche.experiments.runner import run_identity
 
     tree = ast.parse(Path(strategies.__file__).read_text())
     functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
     kvb = _config_fields_read(functions["_kvb"])
-    assert kvb and kvb <= set(BOTTLENECK_FIELDS)  # kvb_lr, kvb_epochs
+    assert kvb == {"kvb_lr", "kvb_epochs"}
+    assert all(Stage.BOTTLENECK_RUNS in changes(ExperimentConfig, f) for f in kvb)
     baseline_code = [f for name, f in functions.items()
                      if name not in ("_kvb", "common") and not name.startswith("_toy")]
     read = set().union(*map(_config_fields_read, baseline_code))
-    assert {"lr", "epochs", "hidden", "ewc_lambda"} <= read
-    assert not read & set(BOTTLENECK_FIELDS)
+    assert {"lr", "epochs", "hidden", "ewc_lambda", "lwf_alpha"} <= read  # + buffer_size
+    assert all(Stage.BASELINE_RUNS in changes(ExperimentConfig, f) for f in read), read
+    # common(): every strategy reads the batch size
+    assert _config_fields_read(functions["common"]) == {"batch_size"}
+    assert changes(ExperimentConfig, "batch_size") >= {Stage.BOTTLENECK_RUNS,
+                                                       Stage.BASELINE_RUNS}
     config = ExperimentConfig()
     wider = config.replace(codebooks=64, kvb_lr=3.0, key_init="official")
     assert run_identity(config, "linear_probe", 0) == run_identity(wider, "linear_probe", 0)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kvb_avalanche.benchmarks.cifar import NUM_CLASSES
+from kvb_avalanche.experiments.identity import Stage
 
 BENCHMARKS = {"split_cifar10": "cifar10", "split_cifar100": "cifar100"}
 # what each benchmark changes from ExperimentConfig's defaults (the paper's settings)
@@ -46,7 +47,8 @@ def flag(field_name: str) -> str:
 
 
 def describe(help_text: str, **extra: Any) -> dict:
-    """Field metadata: the help shown by the command line."""
+    """Field metadata: the help shown by the command line, and (``stage=``) the stages whose
+    output the field changes (:mod:`kvb_avalanche.experiments.identity`)."""
     return {"help": help_text, **extra}
 
 
@@ -173,68 +175,98 @@ class ExperimentConfig(BaseConfig):
 
     kind: ClassVar[str] = "split_cifar"
 
+    # every field declares the stages whose output it changes (stage=, see identity.py):
+    # runs, keys and embeddings are shared exactly where those fields agree
     benchmark: Literal["split_cifar10", "split_cifar100"] = field(
-        default="split_cifar10", metadata=describe("which split CIFAR benchmark"))
-    n_experiences: int = field(default=5, metadata=describe("experiences the classes are split in"))
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe("seeds, one run each"))
+        default="split_cifar10", metadata=describe("which split CIFAR benchmark",
+                                                   stage=Stage.EMBEDDINGS))
+    n_experiences: int = field(default=5, metadata=describe(
+        "experiences the classes are split in", stage=Stage.RUNS, first_experience=True))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe(
+        "seeds, one run each", stage=Stage.NONE))
     strategies: tuple[str, ...] = field(default_factory=_cifar_strategies, metadata=describe(
         "strategies to run (default: all registered)", metavar="NAME",
-        registry="kvb_avalanche.experiments.strategies:STRATEGIES"))
+        registry="kvb_avalanche.experiments.strategies:STRATEGIES", stage=Stage.NONE))
     # data and encoder
     encoder: str = field(default="efficientnet_lite0", metadata=describe(
         "frozen encoder: efficientnet_lite0, efficientnet_lite2, resnet50, timm:NAME, "
-        "torchvision:MODEL:WEIGHTS or open_clip:ARCH:PRETRAINED", metavar="NAME"))
+        "torchvision:MODEL:WEIGHTS or open_clip:ARCH:PRETRAINED", metavar="NAME",
+        stage=Stage.EMBEDDINGS))
     weights: Path | None = field(default=None, metadata=describe(
         "local encoder weights file (state dict, .safetensors); default: the encoder's own "
-        "(downloaded for library names)"))
+        "(downloaded for library names)", stage=Stage.EMBEDDINGS))
     resolution: int | None = field(default=None, metadata=describe(
         "encoder input size in px; default: the encoder's (64 for our own names, see "
-        "results/encoder_resolution; the pretrained one for library names)"))
+        "results/encoder_resolution; the pretrained one for library names)",
+        stage=Stage.EMBEDDINGS))
+    # a GPU embeds under float16 autocast (cosine 0.99996 to the CPU's float32 embeddings,
+    # results/gpu_check), fits its own keys and trains by autograd: another device, other
+    # numbers, from the embeddings on
     device: str = field(default="auto", metadata=describe(
         "where embeddings, keys and training run: auto (cuda if available), cpu, cuda, "
-        "cuda:N, mps"))
+        "cuda:N, mps", stage=Stage.EMBEDDINGS))
     max_per_class: int | None = field(default=None, metadata=describe(
-        "use at most this many training images per class"))
+        "use at most this many training images per class", stage=Stage.EMBEDDINGS))
     test_max_per_class: int | None = field(default=None, metadata=describe(
-        "use at most this many test images per class"))
+        "use at most this many test images per class", stage=Stage.EMBEDDINGS))
     key_init_data: Literal["cifar100", "cifar10", "none"] = field(
         default="cifar100", metadata=describe(
-            "unlabelled data the keys are fitted on ('none': the first experience)"))
+            "unlabelled data the keys are fitted on ('none': the first experience)",
+            stage=Stage.KEYS, embedded=True))
     key_init_max_per_class: int | None = field(default=None, metadata=describe(
-        "use at most this many key-initialisation images per class"))
+        "use at most this many key-initialisation images per class", stage=Stage.KEYS,
+        embedded=True))
     shuffle_classes: bool = field(default=False, metadata=describe(
-        "shuffle the class order per seed (default order [0,1] ... [8,9])"))
+        "shuffle the class order per seed (default order [0,1] ... [8,9])", stage=Stage.RUNS,
+        first_experience=True))
     # KVB: the paper's configuration
-    codebooks: int = field(default=256, metadata=describe("KVB codebooks"))
-    num_pairs: int = field(default=4096, metadata=describe("KVB key-value pairs per codebook"))
-    dim_keys: int = field(default=14, metadata=describe("KVB key dimension"))
+    codebooks: int = field(default=256, metadata=describe("KVB codebooks", stage=Stage.KEYS))
+    num_pairs: int = field(default=4096, metadata=describe(
+        "KVB key-value pairs per codebook", stage=Stage.KEYS))
+    dim_keys: int = field(default=14, metadata=describe("KVB key dimension", stage=Stage.KEYS))
     dim_values: int | None = field(default=None, metadata=describe(
-        "KVB value dimension (default and, with the voting decoder, only: the class count)"))
-    topk: int = field(default=1, metadata=describe("keys fetched per codebook"))
-    kvb_lr: float = field(default=0.3, metadata=describe("KVB learning rate (SGD on values)"))
+        "KVB value dimension (default and, with the voting decoder, only: the class count)",
+        stage=Stage.KEYS))
+    topk: int = field(default=1, metadata=describe(  # the code cache holds topk keys
+        "keys fetched per codebook", stage=Stage.KEYS))
+    kvb_lr: float = field(default=0.3, metadata=describe(
+        "KVB learning rate (SGD on values)", stage=Stage.BOTTLENECK_RUNS))
     kvb_epochs: int = field(default=10, metadata=describe(
-        "KVB epochs per experience (flat from 1 to 100: results/kvb_epochs)"))
+        "KVB epochs per experience (flat from 1 to 100: results/kvb_epochs)",
+        stage=Stage.BOTTLENECK_RUNS))
     mask_unused_keys: bool = field(default=False, metadata=describe(
-        "at evaluation, search only keys trained on (official deactivate_counts)"))
+        "at evaluation, search only keys trained on (official deactivate_counts)",
+        stage=Stage.BOTTLENECK_RUNS))
     key_init: Literal["ours", "official"] = field(default="ours", metadata=describe(
         "key fitting: ours (a Lloyd k-means start on kmeans_samples embeddings, kmeans_iters "
         "iterations, then key_epochs EMA epochs, dead-code threshold 0.05 of a uniform share) "
         "or official (the authors' code: random Gaussian keys, then key_epochs EMA epochs, "
-        "decay 0.95, dead-code threshold 0.1 x batch / pairs; they run 10 epochs)"))
-    key_epochs: int = field(default=2, metadata=describe("EMA k-means epochs fitting the keys"))
+        "decay 0.95, dead-code threshold 0.1 x batch / pairs; they run 10 epochs)",
+        stage=Stage.KEYS))
+    key_epochs: int = field(default=2, metadata=describe(
+        "EMA k-means epochs fitting the keys", stage=Stage.KEYS))
     kmeans_samples: int = field(default=8192, metadata=describe(
-        "embeddings for the Lloyd k-means start of the keys (key_init ours)"))
+        "embeddings for the Lloyd k-means start of the keys (key_init ours)", stage=Stage.KEYS))
     kmeans_iters: int = field(default=3, metadata=describe(
-        "Lloyd k-means iterations (key_init ours; 0: keys are the sampled embeddings)"))
+        "Lloyd k-means iterations (key_init ours; 0: keys are the sampled embeddings)",
+        stage=Stage.KEYS))
     # baselines
-    epochs: int = field(default=10, metadata=describe("baseline epochs per experience"))
-    lr: float = field(default=1e-3, metadata=describe("baselines' Adam learning rate"))
-    batch_size: int = field(default=256, metadata=describe("training batch size (all strategies)"))
-    hidden: int = field(default=128, metadata=describe("MLP head hidden units"))
-    buffer_size: int = field(default=200, metadata=describe("replay buffer size"))
-    ewc_lambda: float = field(default=1000.0, metadata=describe("EWC penalty weight"))
-    lwf_alpha: float = field(default=1.0, metadata=describe("LwF distillation weight"))
-    lwf_temperature: float = field(default=2.0, metadata=describe("LwF temperature"))
+    epochs: int = field(default=10, metadata=describe(
+        "baseline epochs per experience", stage=Stage.BASELINE_RUNS))
+    lr: float = field(default=1e-3, metadata=describe(
+        "baselines' Adam learning rate", stage=Stage.BASELINE_RUNS))
+    batch_size: int = field(default=256, metadata=describe(  # key fitting's batches too
+        "training batch size (all strategies)", stage=(Stage.KEYS, Stage.RUNS)))
+    hidden: int = field(default=128, metadata=describe(
+        "MLP head hidden units", stage=Stage.BASELINE_RUNS))
+    buffer_size: int = field(default=200, metadata=describe(
+        "replay buffer size", stage=Stage.BASELINE_RUNS))
+    ewc_lambda: float = field(default=1000.0, metadata=describe(
+        "EWC penalty weight", stage=Stage.BASELINE_RUNS))
+    lwf_alpha: float = field(default=1.0, metadata=describe(
+        "LwF distillation weight", stage=Stage.BASELINE_RUNS))
+    lwf_temperature: float = field(default=2.0, metadata=describe(
+        "LwF temperature", stage=Stage.BASELINE_RUNS))
 
     @classmethod
     def for_benchmark(cls, benchmark: str, **changes: Any) -> ExperimentConfig:

@@ -42,6 +42,7 @@ from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.device import resolve_device
 from kvb_avalanche.encoders import build_encoder, check_resolution
 from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig, ToyConfig
+from kvb_avalanche.experiments.identity import Stage, changes, embedded_fields, identity
 from kvb_avalanche.experiments.records import MatrixRow, RunRecord, RunStore
 from kvb_avalanche.experiments.reports import (
     diagnostics_rows,
@@ -155,41 +156,32 @@ def run_stream(
 
 
 # ---------------------------------------------------------------------------- split CIFAR
-KEY_FIELDS = ("benchmark", "encoder", "weights", "resolution", "key_init", "key_init_data",
-              "key_init_max_per_class", "codebooks", "num_pairs", "dim_keys", "dim_values",
-              "topk", "key_epochs", "kmeans_samples", "kmeans_iters", "batch_size")
-# with key_init_data 'none' the keys are fitted on the first experience, which these decide
-FIRST_EXPERIENCE_FIELDS = ("max_per_class", "n_experiences", "shuffle_classes")
-DATA_FIELDS = ("benchmark", "encoder", "weights", "resolution", "max_per_class",
-               "test_max_per_class", "key_init_data", "key_init_max_per_class")
-
-
-# the fields only bottleneck strategies read: a baseline's numbers do not depend on them
-BOTTLENECK_FIELDS = ("key_init", "key_init_data", "key_init_max_per_class", "codebooks",
-                     "num_pairs", "dim_keys", "dim_values", "topk", "kvb_lr", "kvb_epochs",
-                     "mask_unused_keys", "key_epochs", "kmeans_samples", "kmeans_iters")
-
-
 def run_identity(config: ExperimentConfig, strategy: str, seed: int) -> tuple:
     """What decides a run's numbers: runs that share it are the same run (a baseline at two
-    settings of the bottleneck, say)."""
-    ignored = {"seeds", "strategies"}
-    if not STRATEGIES[strategy].uses_bottleneck:
-        ignored |= set(BOTTLENECK_FIELDS)
-    return (strategy, seed, *(f"{k}={v}" for k, v in config.to_dict().items()
-                              if k not in ignored))
+    settings of the bottleneck, say). Derived from the fields' stage declarations."""
+    stage = (Stage.BOTTLENECK_RUNS if STRATEGIES[strategy].uses_bottleneck
+             else Stage.BASELINE_RUNS)
+    return (strategy, seed, *identity(config, stage))
 
 
 def key_identity(config: ExperimentConfig, seed: int) -> tuple:
     """What decides a seed's fitted keys: configurations that share it share the keys."""
-    fields = KEY_FIELDS + (FIRST_EXPERIENCE_FIELDS if config.key_init_data == "none" else ())
-    return (seed, *(str(getattr(config, f)) for f in fields))
+    return (seed, *identity(config, Stage.KEYS))
 
 
 def data_identity(config: ExperimentConfig) -> tuple:
     """What decides the embedded data: configurations that share it share the embeddings."""
     needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
-    return (needs_keys, *(str(getattr(config, f)) for f in DATA_FIELDS))
+    return (needs_keys, *(f"{name}={getattr(config, name)!s}"
+                          for name in embedded_fields(config)))
+
+
+def is_reference(strategy: str, field_name: str) -> bool:
+    """Whether ``strategy``'s runs do not depend on the field (a sweep over it runs them
+    once and draws them as a line across)."""
+    stage = (Stage.BOTTLENECK_RUNS if STRATEGIES[strategy].uses_bottleneck
+             else Stage.BASELINE_RUNS)
+    return stage not in changes(ExperimentConfig, field_name)
 
 
 def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
@@ -330,8 +322,11 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     if progress:
         loggers.append(InteractiveLogger())
     evaluator = make_evaluator(loggers, kvb=spec.uses_bottleneck)
-    ctx = BuildContext(config, seed, data.dim, config.num_classes, evaluator,
-                       copy.deepcopy(bottleneck) if spec.uses_bottleneck else None,
+    own = None
+    if spec.uses_bottleneck:  # the run's own copy of the seed's keys, with the run's settings
+        own = copy.deepcopy(bottleneck)
+        own.mask_unused_keys = config.mask_unused_keys
+    ctx = BuildContext(config, seed, data.dim, config.num_classes, evaluator, own,
                        codes if spec.uses_bottleneck else None, device_of(config))
     strategy = spec.build(ctx)
     try:
@@ -382,9 +377,7 @@ class Workbench:
         if key not in self._keys:
             bottleneck = self._stored_or_fitted(config, seed)
             self._keys = {key: (bottleneck, FrozenCodesPlugin(progress=self.options.progress))}
-        bottleneck, codes = self._keys[key]
-        bottleneck.mask_unused_keys = config.mask_unused_keys  # not part of the keys
-        return bottleneck, codes
+        return self._keys[key]
 
     def keys_path(self, config: ExperimentConfig, seed: int) -> Path | None:
         """Where the seed's keys are stored (None: they are not)."""

@@ -1,7 +1,9 @@
 """Strategy registries: a name -> a builder of an Avalanche strategy, and what the runner
 must know of it (trained i.i.d. or class-incrementally; needs the fitted bottleneck).
 
-Register your own beside ours:
+Register your own beside ours, in a module that the command imports with ``--import
+MODULE`` (sweep workers import it too), or that an installed package names in the
+``kvb_avalanche.strategies`` entry-point group:
 
     @STRATEGIES.register("kvb_adam", uses_bottleneck=True)
     def kvb_adam(ctx: BuildContext) -> SupervisedTemplate:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -62,9 +65,24 @@ class StrategySpec:
 class StrategyRegistry(Mapping[str, StrategySpec]):
     """Strategies by name, in registration order."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, entry_points: str | None = None) -> None:
         self.family = family
         self._specs: dict[str, StrategySpec] = {}
+        # installed packages register strategies through this entry-point group: each entry
+        # names a module (or an object in one) whose import registers them, loaded once
+        self.entry_points, self._loaded = entry_points, entry_points is None
+
+    def _load_entry_points(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for entry in metadata.entry_points(group=self.entry_points):
+            try:
+                entry.load()
+            except Exception as e:
+                raise ImportError(f"entry point {entry.name!r} = {entry.value!r} of group "
+                                  f"{self.entry_points!r} failed to load: "
+                                  f"{type(e).__name__}: {e}") from e
 
     def register(self, name: str, *, joint: bool = False, uses_bottleneck: bool = False
                  ) -> Callable[[Callable[[BuildContext], SupervisedTemplate]],
@@ -77,21 +95,30 @@ class StrategyRegistry(Mapping[str, StrategySpec]):
 
         return add
 
+    def adopt(self, spec: StrategySpec) -> None:
+        """Register a spec built elsewhere (a worker adopting the driver's strategy)."""
+        if spec.name in self._specs and self._specs[spec.name] is not spec:
+            raise ValueError(f"strategy {spec.name!r} is registered already in {self.family}")
+        self._specs[spec.name] = spec
+
     def __getitem__(self, name: str) -> StrategySpec:
+        self._load_entry_points()
         if name not in self._specs:
             raise KeyError(f"unknown {self.family} strategy {name!r}; choose from "
                            f"{', '.join(self._specs)}")
         return self._specs[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
+        self._load_entry_points()
+        return iter(list(self._specs))
 
     def __len__(self) -> int:
+        self._load_entry_points()
         return len(self._specs)
 
 
 # ---------------------------------------------------------------------------- split CIFAR
-STRATEGIES = StrategyRegistry("split CIFAR")
+STRATEGIES = StrategyRegistry("split CIFAR", entry_points="kvb_avalanche.strategies")
 
 
 def _kvb(ctx: BuildContext) -> SupervisedTemplate:

@@ -1,0 +1,515 @@
+"""Where a sweep's runs execute: one :class:`Engine` interface, three engines.
+
+- ``local`` (default): one run after another in this process.
+- ``ray``: each run a Ray task (extra ``ray``); ``ray.init()`` starts a local cluster,
+  ``address`` joins one. Embeddings go through Ray's object store, each seed's keys are
+  fitted by one task that the runs needing them wait for.
+- ``slurm``: SLURM job arrays through submitit (extra ``slurm``), one array per wave: the
+  key fits first, then the runs, which depend on them. Jobs read the embedding cache and
+  the stored keys from the shared file system; logs go to ``DIR/slurm/``.
+
+Every engine keeps the same contract, which the sweep driver relies on: :meth:`Engine.open`
+refuses (``ConfigError``, before anything is submitted or written) an option it cannot
+honour or a resource request its cluster cannot meet; :meth:`Engine.submit` queues runs;
+:meth:`Engine.results` yields each run's record or its failure (an :class:`Outcome`) as it
+ends, until nothing is queued. Retries are the driver's: a failed run is submitted again.
+Workers never write records (the driver does); they write the run's logs and mid-run
+checkpoints under the run's point folder, an absolute path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvb_avalanche.experiments.config import ConfigError, ExperimentConfig
+from kvb_avalanche.experiments.records import RunRecord, RunStore
+from kvb_avalanche.experiments.runner import RunOptions, Workbench, key_identity
+from kvb_avalanche.experiments.strategies import STRATEGIES, StrategySpec
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL = 30  # lines of a failed run's log kept in failures.json
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs the grid; ``None`` is "not asked for". An engine refuses any
+    option it cannot honour (``Engine.accepts``)."""
+
+    retries: int = 1  # times a failed run is submitted again (every engine)
+    address: str | None = None  # ray: the cluster to join ('auto', host:port)
+    cpus_per_run: float | None = None  # ray, slurm
+    gpus_per_run: float | None = None  # ray, slurm
+    partition: str | None = None  # slurm
+    time_min: int | None = None  # slurm: a job's time limit in minutes
+    mem_gb: float | None = None  # slurm: a job's memory
+    # modules registering strategies: imported by the driver, their code travels by value
+    # to Ray and SLURM workers (which need not be able to import them)
+    imports: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) \
+                or self.retries < 0:
+            raise ConfigError("retries", f"{{retries}} must be an integer >= 0, got "
+                              f"{self.retries!r}")
+        for name in ("cpus_per_run", "gpus_per_run", "time_min", "mem_gb"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 if name == "gpus_per_run" else value > 0):
+                raise ConfigError(name, f"{{{name}}} must be a number "
+                                  f"{'>= 0' if name == 'gpus_per_run' else '> 0'}, got {value!r}")
+
+    def given(self) -> list[str]:
+        """The engine-specific options asked for (not None)."""
+        return [f.name for f in fields(self) if f.name not in ("retries", "imports")
+                and getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run of the grid: a strategy on a seed at a grid point."""
+
+    point: str  # the point's name (its folder under DIR/points/)
+    config: ExperimentConfig
+    strategy: str
+    seed: int
+    folder: Path  # the point's folder, absolute
+    spec: StrategySpec | None = None  # travels with the task: workers need not know it
+
+    @property
+    def name(self) -> str:
+        return f"{self.point}/{self.strategy}/{self.seed}"
+
+    def log_path(self) -> Path:
+        return RunStore(self.folder, {}).logs(self.strategy, self.seed) / "run.log"
+
+
+@dataclass
+class Outcome:
+    """How a run ended: its record, or (record None) the error and its log's last lines."""
+
+    task: RunTask
+    record: RunRecord | None
+    error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+class RunError(RuntimeError):
+    """A run's exception as it travels back from a worker, with its log's last lines."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+    def __reduce__(self) -> tuple:  # pickled by Ray and submitit with its log tail
+        return type(self), (str(self), self.log_tail)
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Import the modules that register a user's strategies; ConfigError naming one that
+    cannot be imported."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 (any import-time error is the user's to see)
+            raise ConfigError("imports", f"{{imports}} {name}: cannot import it "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def execute(task: RunTask, options: RunOptions, keys_dir: Path, threads: int | None = None,
+            data: Any = None, bottleneck: Any = None, bench: Workbench | None = None
+            ) -> RunRecord:
+    """Run one task where the engine put it, its log in ``task.log_path()``; the record is
+    returned, not stored. A failure raises :class:`RunError` with the log's last lines.
+
+    ``data`` and ``bottleneck`` are the embeddings and the seed's keys when the engine
+    shipped them (Ray); otherwise the Workbench reads them from the cache and ``keys_dir``
+    (and fits and stores the keys if they are not there)."""
+    from kvb_avalanche.experiments.runner import run_split
+    from kvb_avalanche.plugin import FrozenCodesPlugin
+
+    path = task.log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("kvb_avalanche")
+    root.addHandler(handler)
+    level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        if task.spec is not None and task.strategy not in STRATEGIES:
+            STRATEGIES.adopt(task.spec)  # registered in the driver only (its __main__, say)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        log.info("run %s: start", task.name)
+        store = RunStore(task.folder, task.config.to_dict())
+        if data is None:
+            bench = bench or Workbench(options, keys_dir=keys_dir)
+            record = bench.run(task.config, task.strategy, task.seed, store)
+        else:
+            codes = FrozenCodesPlugin(progress=False) if bottleneck is not None else None
+            record = run_split(task.config, data, task.strategy, task.seed, bottleneck, codes,
+                               store, progress=False,
+                               checkpoint_every=options.checkpoint_every)
+        log.info("run %s: done", task.name)
+        return record
+    except Exception as e:
+        log.error("run %s failed:\n%s", task.name, traceback.format_exc())
+        handler.flush()
+        raise RunError(f"{type(e).__name__}: {e}", tail(path)) from e
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def fit_keys(config: ExperimentConfig, seed: int, options: RunOptions, keys_dir: Path
+             ) -> None:
+    """A SLURM key-fit job: fit the seed's keys and store them under ``keys_dir``."""
+    Workbench(options, keys_dir=keys_dir).keys(config, seed)
+
+
+# ---------------------------------------------------------------------------- the interface
+class Engine(ABC):
+    """Runs a sweep's tasks; see the module's docstring for the contract."""
+
+    name: ClassVar[str]
+    accepts: ClassVar[frozenset[str]] = frozenset()  # EngineOptions it honours
+    extra: ClassVar[str | None] = None  # the pip extra it needs
+
+    def __init__(self, options: EngineOptions, run_options: RunOptions, out: Path,
+                 bench: Workbench) -> None:
+        self.options, self.run_options, self.out, self.bench = options, run_options, out, bench
+        self.keys_dir = bench.keys_dir
+
+    @classmethod
+    def check_options(cls, options: EngineOptions) -> None:
+        """ConfigError naming the first option this engine cannot honour."""
+        for name in options.given():
+            if name not in cls.accepts:
+                takers = [e for e, c in ENGINES.items() if name in c.accepts]
+                raise ConfigError(name, f"{{{name}}} is not an option of --engine {cls.name} "
+                                  f"(it is one of --engine {' and '.join(takers)})")
+
+    def open(self) -> None:  # noqa: B027 (a hook: the local engine needs none)
+        """Connect to the cluster and check it can run what is asked; ConfigError if not.
+        Nothing is written or submitted yet."""
+
+    @abstractmethod
+    def submit(self, tasks: Sequence[RunTask]) -> None:
+        """Queue runs (one wave)."""
+
+    @abstractmethod
+    def results(self) -> Iterator[Outcome]:
+        """Each queued run's outcome as it ends, until none is queued (runs submitted
+        while iterating included)."""
+
+    def close(self) -> None:  # noqa: B027 (a hook)
+        """Release what :meth:`open` took."""
+
+
+# ---------------------------------------------------------------------------- local
+class LocalEngine(Engine):
+    """One run after another in this process, sharing embeddings, keys and code caches."""
+
+    name = "local"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue: deque[RunTask] = deque()
+
+    def submit(self, tasks: Sequence[RunTask]) -> None:
+        self._queue.extend(tasks)
+
+    def results(self) -> Iterator[Outcome]:
+        while self._queue:
+            task = self._queue.popleft()
+            try:
+                record = execute(task, self.run_options, self.keys_dir, bench=self.bench)
+            except RunError as e:
+                yield Outcome(task, None, str(e), e.log_tail)
+            else:
+                yield Outcome(task, record)
+
+
+# ---------------------------------------------------------------------------- ray
+def _ray_fit(config: ExperimentConfig, data: Any, seed: int) -> Any:
+    from kvb_avalanche.experiments.runner import fit_bottleneck
+
+    return fit_bottleneck(config, data, seed, progress=False)
+
+
+class RayEngine(Engine):
+    """Each run a Ray task; records come back to the driver."""
+
+    name = "ray"
+    accepts = frozenset({"address", "cpus_per_run", "gpus_per_run"})
+    extra = "ray"
+
+    def open(self) -> None:
+        import ray
+
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(address=self.options.address, include_dashboard=False,
+                     log_to_driver=False)
+        self.cpus = self.options.cpus_per_run if self.options.cpus_per_run is not None else 1
+        self.gpus = self.options.gpus_per_run or 0
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        for name, key, asked in (("cpus_per_run", "CPU", self.cpus),
+                                 ("gpus_per_run", "GPU", self.gpus)):
+            most = max((n.get(key, 0) for n in nodes), default=0)
+            if asked > most:
+                self.close()
+                raise ConfigError(name, f"{{{name}}} {asked:g}: no node of the Ray cluster has "
+                                  f"that many ({key} per node: at most {most:g})")
+        for module in self.options.imports:  # their code travels with the tasks
+            ray.cloudpickle.register_pickle_by_value(sys.modules[module])
+        self._fit = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_fit)
+        self._run = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(execute)
+        self._data: dict[tuple, Any] = {}  # data identity -> object ref
+        self._keys: dict[tuple, Any] = {}  # key identity -> object ref (a fit or stored keys)
+        self._fits: dict[Any, tuple[tuple, Path]] = {}  # fit in flight -> its key identity, file
+        self._pending: dict[Any, RunTask] = {}
+
+    def submit(self, tasks: Sequence[RunTask]) -> None:
+        import ray
+
+        from kvb_avalanche.experiments.runner import data_identity, load_keys
+
+        for task in tasks:
+            config, seed = task.config, task.seed
+            dkey = data_identity(config)
+            if dkey not in self._data:
+                self._data[dkey] = ray.put(self.bench.data(config))
+            keys = None
+            if STRATEGIES[task.strategy].uses_bottleneck:
+                kkey = key_identity(config, seed)
+                path = self.bench.keys_path(config, seed)
+                if kkey not in self._keys:
+                    if path is not None and path.exists():  # stored by an earlier run
+                        self._keys[kkey] = ray.put(load_keys(config, self.bench.data(config),
+                                                             seed, path))
+                    else:
+                        self._keys[kkey] = self._fit.remote(config, self._data[dkey], seed)
+                        self._fits[self._keys[kkey]] = (kkey, path)
+                keys = self._keys[kkey]
+            ref = self._run.remote(task, self.run_options, self.keys_dir,
+                                   max(1, int(self.cpus)), self._data[dkey], keys)
+            self._pending[ref] = task
+
+    def results(self) -> Iterator[Outcome]:
+        import ray
+
+        from kvb_avalanche.experiments.runner import save_keys
+
+        while self._pending or self._fits:
+            ready, _ = ray.wait([*self._fits, *self._pending], num_returns=1)
+            ref = ready[0]
+            if ref in self._fits:  # stored the moment it arrives, as a run's record is
+                kkey, path = self._fits.pop(ref)
+                try:
+                    bottleneck = ray.get(ref)
+                except ray.exceptions.RayError:  # its runs report it; a retry fits again
+                    self._keys.pop(kkey, None)
+                else:
+                    if path is not None:
+                        save_keys(bottleneck, path)
+                continue
+            task = self._pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the run's exception, or its worker died
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, ray.exceptions.RayError):  # a fit the run waited for
+                    self._drop_failed_fit(task)
+                yield Outcome(task, None, f"{type(cause).__name__}: {cause}"[:2000],
+                              getattr(cause, "log_tail", []) or tail(task.log_path()))
+            else:
+                yield Outcome(task, record)
+
+    def _drop_failed_fit(self, task: RunTask) -> None:
+        if STRATEGIES[task.strategy].uses_bottleneck:
+            self._keys.pop(key_identity(task.config, task.seed), None)
+
+    def close(self) -> None:
+        import ray
+
+        if getattr(self, "_started", False):
+            ray.shutdown()
+            self._started = False
+
+
+# ---------------------------------------------------------------------------- slurm
+class SlurmEngine(Engine):
+    """SLURM job arrays through submitit: per wave, one array of key fits and one of runs
+    that depends on it. Needs a file system shared with the nodes (DIR, the embedding
+    cache)."""
+
+    name = "slurm"
+    accepts = frozenset({"cpus_per_run", "gpus_per_run", "partition", "time_min", "mem_gb"})
+    extra = "slurm"
+
+    def open(self) -> None:
+        import submitit  # noqa: F401
+
+        if shutil.which("sbatch") is None:
+            raise ConfigError("engine", "{engine} slurm: no sbatch on PATH; run the sweep on a "
+                              "SLURM login node")
+        self.partition = self.options.partition or _default_partition()
+        nodes = _partition_nodes(self.partition)
+        cpus = self.options.cpus_per_run or 1
+        for name, asked, most, unit in (
+                ("cpus_per_run", cpus, max(n[0] for n in nodes), "CPUs"),
+                ("mem_gb", self.options.mem_gb or 0, max(n[1] for n in nodes) / 1024, "GB"),
+                ("gpus_per_run", self.options.gpus_per_run or 0, max(n[2] for n in nodes),
+                 "GPUs")):
+            if asked > most:
+                raise ConfigError(name, f"{{{name}}} {asked:g}: no node of partition "
+                                  f"{self.partition!r} has that many ({unit} per node: at most "
+                                  f"{most:g})")
+        self.cpus = int(-(-cpus // 1))
+        import cloudpickle  # submitit's pickler: the user's strategy modules travel by value
+
+        for module in self.options.imports:
+            cloudpickle.register_pickle_by_value(sys.modules[module])
+        self.job_name = "kvb-sweep-" + _digest(str(self.out))
+        # a killed driver's jobs may still run: cancelled, their runs submitted again
+        subprocess.run(["scancel", "--name", self.job_name], capture_output=True, check=False)
+        self._jobs: list[tuple[Any, RunTask]] = []
+
+    def _executor(self, what: str, dependency: str | None = None) -> Any:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=self.out / "slurm" / "%j", cluster="slurm")
+        extra: dict[str, Any] = {}
+        if dependency:
+            extra["dependency"] = dependency
+        executor.update_parameters(
+            name=self.job_name, slurm_partition=self.partition, cpus_per_task=self.cpus,
+            timeout_min=self.options.time_min or 60 * 24,
+            **({"mem_gb": self.options.mem_gb} if self.options.mem_gb else {}),
+            **({"gpus_per_node": int(self.options.gpus_per_run)}
+               if self.options.gpus_per_run else {}),
+            slurm_additional_parameters=extra, slurm_comment=what)
+        return executor
+
+    def submit(self, tasks: Sequence[RunTask]) -> None:
+        fits, seen = [], set()
+        for task in tasks:  # keys not stored yet: one fit job per (keys, seed)
+            if STRATEGIES[task.strategy].uses_bottleneck:
+                kkey = key_identity(task.config, task.seed)
+                path = self.bench.keys_path(task.config, task.seed)
+                if kkey not in seen and not (path is not None and path.exists()):
+                    seen.add(kkey)
+                    fits.append((task.config, task.seed))
+        dependency = None
+        if fits:
+            executor = self._executor("key fits")
+            with executor.batch():
+                jobs = [executor.submit(fit_keys, config, seed, self.run_options,
+                                        self.keys_dir) for config, seed in fits]
+            dependency = "afterany:" + ":".join(sorted({j.job_id.split("_")[0] for j in jobs}))
+        executor = self._executor("runs", dependency)
+        with executor.batch():
+            jobs = [executor.submit(execute, task, self.run_options, self.keys_dir, self.cpus)
+                    for task in tasks]
+        self._jobs += list(zip(jobs, tasks, strict=True))
+        log.info("slurm: submitted %d key fit(s) and %d run(s) (job %s)", len(fits),
+                 len(tasks), jobs[0].job_id.split("_")[0] if jobs else "-")
+
+    def results(self) -> Iterator[Outcome]:
+        while self._jobs:
+            finished = [(j, t) for j, t in self._jobs if j.done()]
+            if not finished:
+                time.sleep(1.0)
+                continue
+            for job, task in finished:
+                self._jobs.remove((job, task))
+                try:
+                    record = job.result()
+                except Exception as e:  # noqa: BLE001 (the job's exception, or its end)
+                    cause = e
+                    text = str(e)
+                    if "RunError" in text:  # submitit re-raises the job's traceback as text
+                        text = text.strip().splitlines()[-1]
+                    yield Outcome(task, None, f"{type(cause).__name__}: {text}"[:2000],
+                                  tail(task.log_path()))
+                else:
+                    yield Outcome(task, record)
+
+    def close(self) -> None:
+        for job, _ in getattr(self, "_jobs", []):
+            job.cancel(check=False)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _default_partition() -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    default = [p[:-1] for p in out.stdout.split() if p.endswith("*")]
+    if out.returncode or not default:
+        raise ConfigError("partition", "{partition}: the cluster names no default partition "
+                          f"(sinfo: {out.stderr.strip() or out.stdout.strip()!r}); pass one")
+    return default[0]
+
+
+def _partition_nodes(partition: str) -> list[tuple[int, int, int]]:
+    """(CPUs, memory MB, GPUs) of each node configuration of ``partition``."""
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%c %m %G"],
+                         capture_output=True, text=True)
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode or not rows:
+        raise ConfigError("partition", f"{{partition}} {partition!r}: no such partition "
+                          f"(sinfo: {out.stderr.strip() or 'no nodes'})")
+    nodes = []
+    for cpus, mem, gres in rows:
+        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",")
+                   if g.startswith("gpu") and g.split(":")[-1].split("(")[0].isdigit())
+        nodes.append((int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus))
+    return nodes
+
+
+ENGINES: dict[str, type[Engine]] = {e.name: e for e in (LocalEngine, RayEngine, SlurmEngine)}
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The engine named ``name``; ConfigError if unknown or its extra is missing."""
+    if name not in ENGINES:
+        raise ConfigError("engine", f"{{engine}} must be one of {', '.join(ENGINES)}, "
+                          f"got {name!r}")
+    cls = ENGINES[name]
+    module = {"ray": "ray", "slurm": "submitit"}.get(name)
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            what = "Ray" if name == "ray" else "submitit"
+            raise ConfigError("engine", f"{{engine}} {name} needs {what}: pip install "
+                              f"'kvb-avalanche[{cls.extra}]'") from e
+    return cls
