@@ -150,7 +150,7 @@ def execute(task: RunTask, options: RunOptions, keys_dir: Path, threads: int | N
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("kvb_avalanche")
+    root = logging.getLogger()  # everything the run logs, a user's strategy module included
     root.addHandler(handler)
     level = root.level
     if root.getEffectiveLevel() > logging.INFO:
