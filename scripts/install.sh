@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[encoders,ray,dev]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[encoders,ray,slurm,dev]"
 # The install leaves an environment where Avalanche imports (see kvb_avalanche_tv_compat.py).
 .venv/bin/python -W ignore -c "import avalanche, torchvision; print('installed: avalanche', avalanche.__version__, '/ torchvision', torchvision.__version__)"

@@ -18,7 +18,13 @@
 # Clients (sbatch, squeue, sinfo, scancel, submitit) need SLURM_CONF=DIR/slurm.conf.
 set -euo pipefail
 
-readonly WAIT_IDLE_S=${SLURM_CLUSTER_WAIT_S:-30}
+# Knobs, read by `start` when it writes a fresh slurm.conf:
+readonly WAIT_IDLE_S=${SLURM_CLUSTER_WAIT_S:-30}  # how long to wait for the node to be idle
+# ALL: sbatch rejects what the partition can never run (too many CPUs, nodes, time); NO
+# (Slurm's default): such a job is accepted and pends forever (Reason=PartitionConfig, ...).
+readonly ENFORCE=${SLURM_CLUSTER_ENFORCE_PART_LIMITS:-ALL}
+readonly MAX_TIME=${SLURM_CLUSTER_MAX_TIME:-INFINITE}  # the partition's MaxTime (minutes)
+readonly FAKE_GPUS=${SLURM_CLUSTER_FAKE_GPUS:-0}  # GRES gpu:N on the node (no devices behind)
 readonly MARK=KVB_SLURM_CLUSTER_DIR  # set in the daemons' environment, to find their stepds
 
 log() { echo "slurm_cluster: $*" >&2; }
@@ -84,7 +90,7 @@ tails() {  # the daemons' log tails, for a failed start
 }
 
 write_config() {
-    local host=$1 cpus mem detected topo ctld_port slurmd_port
+    local host=$1 cpus mem detected topo ctld_port slurmd_port i
     cpus=$(nproc)
     detected=$(slurmd -C 2>/dev/null | head -n 1) || true
     mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$detected")
@@ -99,6 +105,17 @@ write_config() {
     ctld_port=$(free_port)
     slurmd_port=$(free_port "$ctld_port")
     : >"$DIR/plugstack.conf"  # no SPANK plugins (the default would read /etc/slurm's)
+    local gres=
+    if ((FAKE_GPUS > 0)); then
+        # Slurm drops a GPU without a device file, and wants a character or block device:
+        # links to /dev/null stand in for /dev/nvidia*.
+        mkdir -p "$DIR/dev"
+        for ((i = 0; i < FAKE_GPUS; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
+        gres=" Gres=gpu:$FAKE_GPUS"
+        echo "NodeName=$host Name=gpu File=$DIR/dev/gpu[0-$((FAKE_GPUS - 1))]" >"$DIR/gres.conf"
+    else
+        : >"$DIR/gres.conf"
+    fi
     cat >"$CONF" <<EOF
 # Written by scripts/slurm_cluster.sh: a one-node test cluster, everything under $DIR.
 ClusterName=kvbtest
@@ -132,6 +149,9 @@ SelectTypeParameters=CR_CPU_Memory
 # A job without --mem gets its CPUs' share, so jobs of one CPU each run side by side.
 DefMemPerCPU=$((mem / cpus))
 SchedulerType=sched/backfill
+# Schedule a batch job when it is submitted (the default waits up to 3 s).
+SchedulerParameters=batch_sched_delay=0
+EnforcePartLimits=$ENFORCE
 ReturnToService=2
 MailProg=/bin/true
 InactiveLimit=0
@@ -141,8 +161,9 @@ MinJobAge=3600
 SlurmctldTimeout=30
 SlurmdTimeout=60
 MessageTimeout=10
-NodeName=$host NodeAddr=127.0.0.1 $topo RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${gres:+GresTypes=gpu}
+NodeName=$host NodeAddr=127.0.0.1 $topo RealMemory=$mem$gres State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=$MAX_TIME State=UP
 EOF
 }
 
@@ -241,13 +262,15 @@ cmd_start() {
 
     write_sacct_shim
     [[ -n $(pid_of munged) ]] || start_munged
+    local clear=()
     if [[ -n $(pid_of slurmctld) || -n $(pid_of slurmd) ]]; then
         [[ -f $CONF ]] || die "daemons of $DIR run but $CONF is gone: run stop first"
     else
         write_config "$host"
+        clear=(-c)  # a new cluster: forget the jobs and node states (a drain) of an old one
     fi
     if [[ -z $(pid_of slurmctld) ]]; then
-        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmctld -f "$CONF" ||
+        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmctld -f "$CONF" "${clear[@]}" ||
             { tails; die "slurmctld failed to start"; }
     fi
     if [[ -z $(pid_of slurmd) ]]; then

@@ -160,7 +160,8 @@ def plot_sweep_diagnostics(summary: pd.DataFrame, fields: list[str], path: Path)
         for ax, (column, title) in zip(row, columns.items(), strict=True):
             _curves(ax, summary, name, others, column, references=False)
             ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # a panel only baselines reach is empty
+                ax.legend(fontsize=7)
     fig.tight_layout()
     savefig(fig, path)
 
