@@ -13,9 +13,10 @@
 # each process's command line names DIR first) and waits for them to exit.
 #
 # Needs root and Debian's `slurm-wlm` and `munge` (apt-get install -y slurm-wlm munge). Built
-# for sandboxes without cgroups: proctrack/linuxproc, task/none, no accounting (so `sacct`
-# fails: submitit then warns and reads job states as UNKNOWN, results still come back).
-# Clients (sbatch, squeue, sinfo, scancel, submitit) need SLURM_CONF=DIR/slurm.conf.
+# for sandboxes without cgroups: proctrack/linuxproc, task/none, no accounting daemon, so the
+# real `sacct` fails; DIR/bin/sacct answers submitit's state queries from squeue instead.
+# Clients (sbatch, squeue, sinfo, scancel, submitit) need SLURM_CONF=DIR/slurm.conf, and
+# PATH=DIR/bin:$PATH for the sacct stand-in (both printed by `start`).
 set -euo pipefail
 
 # Knobs, read by `start` when it writes a fresh slurm.conf:
@@ -231,7 +232,7 @@ start_munged() {
     runuser -u "$user" -- munged \
         --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-        --seed-file="$DIR/munge/munged.seed" ||
+        --seed-file="$DIR/munge/munged.seed" 9>&- ||
         { tails; die "munged failed to start (every directory above $DIR must be o+x)"; }
     local i
     for i in $(seq 50); do
@@ -242,6 +243,13 @@ start_munged() {
     die "munged did not come up"
 }
 
+lock() {  # one start or stop of DIR at a time (the daemons must not inherit fd 9)
+    if [[ -d $DIR/run ]] && command -v flock >/dev/null 2>&1; then
+        exec 9>"$DIR/run/lock"
+        flock -w 120 9 || die "$DIR is locked by another start or stop"
+    fi
+}
+
 node_state() {
     SLURM_CONF=$CONF sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n 1 || true
 }
@@ -250,15 +258,15 @@ cmd_start() {
     local host state i
     [[ $(id -u) == 0 ]] || die "must run as root (slurmd runs jobs as their users)"
     need_binaries
-    mkdir -p "$DIR"
-    DIR=$(cd "$DIR" && pwd -P)
+    DIR=$(realpath -m "$DIR")
     CONF=$DIR/slurm.conf
     host=$(hostname -s)
     # sun_path holds 107 bytes: slurmstepd's sockets are DIR/spool/HOST_JOBID.STEPID.
     local max=$((107 - 29 - ${#host}))
     ((${#DIR} <= max)) || die "DIR too long for unix sockets (${#DIR} > $max chars): $DIR"
-    chmod a+x "$DIR"  # munged (as user munge) must reach DIR/munge; nothing else is opened
     mkdir -p "$DIR"/{state,spool,run,log}
+    chmod a+x "$DIR"  # munged (as user munge) must reach DIR/munge; nothing else is opened
+    lock
 
     write_sacct_shim
     [[ -n $(pid_of munged) ]] || start_munged
@@ -270,11 +278,11 @@ cmd_start() {
         clear=(-c)  # a new cluster: forget the jobs and node states (a drain) of an old one
     fi
     if [[ -z $(pid_of slurmctld) ]]; then
-        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmctld -f "$CONF" "${clear[@]}" ||
+        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmctld -f "$CONF" "${clear[@]}" 9>&- ||
             { tails; die "slurmctld failed to start"; }
     fi
     if [[ -z $(pid_of slurmd) ]]; then
-        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmd -f "$CONF" -N "$host" ||
+        env "$MARK=$DIR" SLURM_CONF="$CONF" slurmd -f "$CONF" -N "$host" 9>&- ||
             { tails; die "slurmd failed to start"; }
     fi
 
@@ -332,6 +340,7 @@ cmd_stop() {
     [[ -d $DIR ]] || { log "no $DIR: nothing to stop"; return 0; }
     DIR=$(cd "$DIR" && pwd -P)
     CONF=$DIR/slurm.conf
+    lock
     if [[ -n $(pid_of slurmctld) ]] && command -v squeue >/dev/null 2>&1; then
         jobs=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null | tr '\n' ' ') || jobs=
         if [[ -n ${jobs// /} ]]; then

@@ -11,7 +11,13 @@ SLURM cannot be installed).
 
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -57,19 +63,21 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     pytest.importorskip("submitit")
     import slurm_cluster as cluster
 
     reason = cluster.available()
     if reason:
         pytest.skip(f"no SLURM cluster can be started here: {reason}")
-    folder = tmp_path_factory.mktemp("slurm")
+    # short, and world-searchable above munged's socket (pytest's own folders are 0700)
+    folder = Path(tempfile.mkdtemp(prefix="kvb-slurm-", dir="/tmp"))
     env = cluster.start(folder)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield folder
     cluster.stop(folder)
+    shutil.rmtree(folder, ignore_errors=True)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -230,3 +238,78 @@ def test_an_engine_without_its_library_is_refused_naming_the_extra(tmp_path, cap
     err = _refused(capsys, out, "sweep", str(write_spec(tmp_path / "s.yaml", FAILING)),
                    "--out", str(out), "--engine", engine_name)
     assert f"pip install 'kvb-avalanche[{engine_name}]'" in err
+
+
+# ---------------------------------------------------------------------------- chaos
+def _wait_for(predicate, seconds: float = 300.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("name", ["ray", "slurm"])
+def test_a_driver_killed_mid_grid_resumes_to_the_tables_of_an_uninterrupted_one(
+        name, request, local_parity, cifar_cache, tmp_path):
+    cluster = request.getfixturevalue(f"{name}_cluster")
+    out, spec = tmp_path / "out", write_spec(tmp_path / "spec.yaml", PARITY)
+    flags = ["--engine", name]
+    if name == "ray":  # the driver joins this test's cluster, which outlives it
+        flags += ["--address", cluster.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvb_avalanche.cli", "sweep", str(spec), "--out", str(out),
+         "--no-progress", "--cache-dir", str(cifar_cache), *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stored = lambda: len(list(out.glob("points/*/runs/*.json")))  # noqa: E731
+    if _wait_for(lambda: stored() >= 3 or proc.poll() is not None):
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert 3 <= stored() < 32
+    sweep(spec, out, cifar_cache, "--engine", name)
+    for a, b in zip(tables(local_parity), tables(out), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def _kill_one_run(name: str, out: Path) -> list:
+    """In the background: once a run has started, kill it the way a cluster does (Ray: its
+    worker process, SIGKILL; SLURM: scancel its job). Returns what was killed."""
+    import psutil
+
+    killed: list = []
+
+    def kill() -> None:
+        if not _wait_for(lambda: any(out.glob("points/*/logs/*/run.log"))):
+            return
+        if name == "ray":
+            for p in psutil.process_iter(["cmdline"]):
+                if any("ray::execute" in part for part in p.info["cmdline"] or []):
+                    p.kill()
+                    killed.append(p.pid)
+                    return
+        else:
+            jobs = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"],
+                                  capture_output=True, text=True).stdout.split("\n")
+            run = [line.split()[0] for line in jobs if line.strip().endswith("runs")]
+            if run:
+                subprocess.run(["scancel", run[0]], check=True)
+                killed.append(run[0])
+
+    threading.Thread(target=kill, daemon=True).start()
+    return killed
+
+
+@pytest.mark.parametrize("name", ["ray", "slurm"])
+def test_a_run_killed_by_its_cluster_is_retried_to_the_tables_of_an_uninterrupted_one(
+        name, request, local_parity, cifar_cache, tmp_path):
+    request.getfixturevalue(f"{name}_cluster")
+    out = tmp_path / "out"
+    killed = _kill_one_run(name, out)
+    sweep(write_spec(tmp_path / "spec.yaml", PARITY), out, cifar_cache, "--engine", name,
+          "--retries", "1")
+    assert killed, "no run was killed"
+    assert not (out / "failures.json").exists()
+    for a, b in zip(tables(local_parity), tables(out), strict=True):
+        pd.testing.assert_frame_equal(a, b)
