@@ -76,7 +76,11 @@ def slurm_cluster():
         pytest.skip(f"no SLURM cluster can be started here: {reason}")
     # short, and world-searchable above munged's socket (pytest's own folders are 0700)
     folder = Path(tempfile.mkdtemp(prefix="kvb-slurm-", dir="/tmp"))
-    env = cluster.start(folder)
+    os.environ["SLURM_CLUSTER_MAX_TIME"] = "600"  # the partition's MaxTime, in minutes
+    try:
+        env = cluster.start(folder)
+    finally:
+        del os.environ["SLURM_CLUSTER_MAX_TIME"]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield folder
@@ -227,6 +231,8 @@ def test_slurm_refuses_a_request_its_cluster_cannot_meet(slurm_cluster, tmp_path
     assert "--cpus-per-run 512: no node of partition" in err
     err = _refused(capsys, out, *common, "--mem-gb", "100000")
     assert "--mem-gb 100000: no node of partition" in err
+    err = _refused(capsys, out, *common, "--time-min", "601")
+    assert "--time-min 601: partition 'debug' allows at most 600 minutes a job" in err
     err = _refused(capsys, out, *common, "--partition", "no_such_partition")
     assert "--partition 'no_such_partition': no such partition" in err
     err = _refused(capsys, out, *common, "--address", "auto")
@@ -324,3 +330,39 @@ def test_a_run_killed_by_its_cluster_is_retried_to_the_tables_of_an_uninterrupte
     assert not (out / "failures.json").exists()
     for a, b in zip(tables(local_chaos), tables(out), strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+MAIN_SCRIPT = '''
+import sys
+from pathlib import Path
+
+from kvb_avalanche.experiments import STRATEGIES, RunOptions, parse_spec, run_sweep
+from kvb_avalanche.experiments.engines import EngineOptions
+
+
+@STRATEGIES.register("probe_from_main")
+def probe_from_main(ctx):  # registered in __main__: no worker can import it by name
+    return STRATEGIES["linear_probe"].build(ctx)
+
+
+spec = {"experiment": "split_cifar10", "preset": "quick", "parameters": {
+    "max_per_class": {"value": 30}, "test_max_per_class": {"value": 15},
+    "epochs": {"value": 2}, "seed": {"values": [0]},
+    "strategy": {"values": ["linear_probe", "probe_from_main"]}}}
+out, cache, address = sys.argv[1:]
+run_sweep(parse_spec(spec), Path(out), RunOptions(cache_dir=Path(cache), progress=False),
+          engine="ray", engine_options=EngineOptions(address=address))
+'''
+
+
+def test_a_strategy_registered_in_the_drivers_main_reaches_ray_workers(ray_cluster, tmp_path,
+                                                                       cifar_cache):
+    script = tmp_path / "my_sweep.py"
+    script.write_text(MAIN_SCRIPT)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), str(out), str(cifar_cache),
+                    ray_cluster.get_runtime_context().gcs_address], check=True,
+                   capture_output=True, timeout=300)
+    summary = pd.read_csv(out / "summary.csv").set_index("strategy")
+    # the same head on the same seed: the worker built it from the driver's own function
+    assert summary.final_accuracy["probe_from_main"] == summary.final_accuracy["linear_probe"]

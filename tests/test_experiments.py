@@ -158,6 +158,28 @@ def test_every_field_a_builder_reads_is_declared_to_change_its_runs():
             != run_identity(config.replace(epochs=3), "linear_probe", 0))
 
 
+def test_a_package_registers_strategies_through_the_entry_point_group(tmp_path, monkeypatch):
+    # what `pip install my-package` with [project.entry-points."kvb_avalanche.strategies"]
+    # leaves on sys.path: a dist-info naming the module, loaded at the registry's first use
+    from kvb_avalanche.experiments.strategies import StrategyRegistry
+
+    registry = StrategyRegistry("test", entry_points="kvb_test.strategies")
+    (tmp_path / "my_strategies.py").write_text(
+        "import builtins\nbuiltins._kvb_registry.register('mine')(lambda ctx: None)\n")
+    info = tmp_path / "my_package-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[kvb_test.strategies]\nmine = my_strategies\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins._kvb_registry", registry, raising=False)
+    assert list(registry) == ["mine"] and registry["mine"].name == "mine"
+    (info / "entry_points.txt").write_text("[kvb_test.strategies]\nbroken = no_such_mod\n")
+    broken = StrategyRegistry("test", entry_points="kvb_test.strategies")
+    with pytest.raises(ImportError, match="entry point 'broken' = 'no_such_mod' of group "
+                                          "'kvb_test.strategies' failed to load"):
+        list(broken)
+
+
 def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):
     spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
     monkeypatch.setitem(STRATEGIES._specs, "mine", spec)

@@ -1,4 +1,5 @@
-"""Sweeps: a --quick-sized 2 x 2 grid x 2 seeds, in-process and on a local Ray cluster."""
+"""Sweeps: a --quick-sized 2 x 2 grid x 2 seeds in this process; the committed sweep files;
+bad specs. The engines (Ray, SLURM) are tested in test_engines.py."""
 
 import json
 import math
@@ -14,8 +15,7 @@ import pytest
 import yaml
 
 from kvb_avalanche.cli import main as cli
-from kvb_avalanche.experiments.runner import RunOptions
-from kvb_avalanche.experiments.sweep import load_spec, run_sweep
+from kvb_avalanche.experiments.sweep import load_spec
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
@@ -188,23 +188,6 @@ def test_a_sweep_grows_more_values_over_its_folder_and_refuses_another_setting(
     assert all(p.read_bytes() == b for p, b in stored.items())
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_ray_sweep_gives_the_tables_of_the_local_one(local_sweep, cache, tmp_path, ray_cluster):
-    out = tmp_path / "ray"
-    summary = run_sweep(load_spec(write_spec(tmp_path / "spec.yaml")), out,
-                        RunOptions(cache_dir=cache, progress=False), engine="ray")
-    assert len(summary) == RUNS
-    for a, b in zip(tables(local_sweep), tables(out), strict=True):
-        pd.testing.assert_frame_equal(a, b)
-
-
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"codebookz": {"values": [1, 2]}}},
      "parameters.codebookz: unknown field (did you mean codebooks?)"),
@@ -227,15 +210,4 @@ def test_a_bad_spec_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         cli(["sweep", str(write_spec(tmp_path / "spec.yaml", spec)), "--out", str(out)])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_engine_ray_without_ray_installed_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_:
-        cli(["sweep", str(write_spec(tmp_path / "spec.yaml")), "--out", str(out),
-             "--engine", "ray"])
-    assert exit_.value.code == 2
-    assert "--engine ray needs Ray: pip install 'kvb-avalanche[ray]'" in capsys.readouterr().err
     assert not out.exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,9 @@ class RunTask:
     strategy: str
     seed: int
     folder: Path  # the point's folder, absolute
-    spec: StrategySpec | None = None  # travels with the task: workers need not know it
+    # the specs of the configuration's strategies travel with the task: a worker need not
+    # know them (registered in the driver's __main__, or in a module it cannot import)
+    specs: tuple[StrategySpec, ...] = ()
 
     @property
     def name(self) -> str:
@@ -156,8 +159,9 @@ def execute(task: RunTask, options: RunOptions, keys_dir: Path, threads: int | N
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     try:
-        if task.spec is not None and task.strategy not in STRATEGIES:
-            STRATEGIES.adopt(task.spec)  # registered in the driver only (its __main__, say)
+        for spec in task.specs:
+            if spec.name not in STRATEGIES:
+                STRATEGIES.adopt(spec)
         if threads is not None:
             import torch
 
@@ -389,6 +393,12 @@ class SlurmEngine(Engine):
                 raise ConfigError(name, f"{{{name}}} {asked:g}: no node of partition "
                                   f"{self.partition!r} has that many ({unit} per node: at most "
                                   f"{most:g})")
+        limit = nodes[0][3]  # the partition's time limit (minutes; None: none)
+        if self.options.time_min is not None and limit is not None \
+                and self.options.time_min > limit:
+            raise ConfigError("time_min", f"{{time_min}} {self.options.time_min}: partition "
+                              f"{self.partition!r} allows at most {limit} minutes a job")
+        self.time_min = self.options.time_min or min(limit or 24 * 60, 24 * 60)
         self.cpus = int(-(-cpus // 1))
         import cloudpickle  # submitit's pickler: the user's strategy modules travel by value
 
@@ -398,6 +408,7 @@ class SlurmEngine(Engine):
         # a killed driver's jobs may still run: cancelled, their runs submitted again
         subprocess.run(["scancel", "--name", self.job_name], capture_output=True, check=False)
         self._jobs: list[tuple[Any, RunTask]] = []
+        self._refused: list[Outcome] = []  # runs sbatch refused: failures like any other
 
     def _executor(self, what: str, dependency: str | None = None) -> Any:
         import submitit
@@ -408,7 +419,7 @@ class SlurmEngine(Engine):
             extra["dependency"] = dependency
         executor.update_parameters(
             name=self.job_name, slurm_partition=self.partition, cpus_per_task=self.cpus,
-            timeout_min=self.options.time_min or 60 * 24,
+            timeout_min=self.time_min,
             **({"mem_gb": self.options.mem_gb} if self.options.mem_gb else {}),
             **({"gpus_per_node": int(self.options.gpus_per_run)}
                if self.options.gpus_per_run else {}),
@@ -425,22 +436,30 @@ class SlurmEngine(Engine):
                     seen.add(kkey)
                     fits.append((task.config, task.seed))
         dependency = None
-        if fits:
-            executor = self._executor("key fits")
+        try:
+            if fits:
+                executor = self._executor("key fits")
+                with executor.batch():
+                    jobs = [executor.submit(fit_keys, config, seed, self.run_options,
+                                            self.keys_dir) for config, seed in fits]
+                dependency = "afterany:" + ":".join(sorted({j.job_id.split("_")[0]
+                                                            for j in jobs}))
+            executor = self._executor("runs", dependency)
             with executor.batch():
-                jobs = [executor.submit(fit_keys, config, seed, self.run_options,
-                                        self.keys_dir) for config, seed in fits]
-            dependency = "afterany:" + ":".join(sorted({j.job_id.split("_")[0] for j in jobs}))
-        executor = self._executor("runs", dependency)
-        with executor.batch():
-            jobs = [executor.submit(execute, task, self.run_options, self.keys_dir, self.cpus)
-                    for task in tasks]
+                jobs = [executor.submit(execute, task, self.run_options, self.keys_dir,
+                                        self.cpus) for task in tasks]
+        except Exception as e:  # noqa: BLE001 (sbatch's refusal, whatever its form)
+            error = f"sbatch refused the jobs: {type(e).__name__}: {e}"[:2000]
+            self._refused += [Outcome(task, None, error) for task in tasks]
+            return
         self._jobs += list(zip(jobs, tasks, strict=True))
         log.info("slurm: submitted %d key fit(s) and %d run(s) (job %s)", len(fits),
                  len(tasks), jobs[0].job_id.split("_")[0] if jobs else "-")
 
     def results(self) -> Iterator[Outcome]:
-        while self._jobs:
+        while self._jobs or self._refused:
+            while self._refused:
+                yield self._refused.pop(0)
             finished = [(j, t) for j, t in self._jobs if j.done()]
             if not finished:
                 time.sleep(1.0)
@@ -450,12 +469,11 @@ class SlurmEngine(Engine):
                 try:
                     record = job.result()
                 except Exception as e:  # noqa: BLE001 (the job's exception, or its end)
-                    cause = e
-                    text = str(e)
-                    if "RunError" in text:  # submitit re-raises the job's traceback as text
-                        text = text.strip().splitlines()[-1]
-                    yield Outcome(task, None, f"{type(cause).__name__}: {text}"[:2000],
-                                  tail(task.log_path()))
+                    # submitit gives the job's traceback as text: the run's own error is
+                    # its last RunError line; a job that ended without a result says so
+                    raised = re.findall(r"RunError: (.+)", str(e))
+                    error = raised[-1] if raised else f"{type(e).__name__}: {e}"
+                    yield Outcome(task, None, error[:2000], tail(task.log_path()))
                 else:
                     yield Outcome(task, record)
 
@@ -479,19 +497,32 @@ def _default_partition() -> str:
     return default[0]
 
 
-def _partition_nodes(partition: str) -> list[tuple[int, int, int]]:
-    """(CPUs, memory MB, GPUs) of each node configuration of ``partition``."""
-    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%c %m %G"],
+def _minutes(limit: str) -> int | None:
+    """A SLURM time limit (``[days-]hours:minutes:seconds``, ``minutes:seconds``,
+    ``minutes``) in whole minutes; None for ``infinite``."""
+    if limit.lower() in ("infinite", "unlimited"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    hours, minutes, seconds = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (
+        0, parts[0], 0)
+    return int(days or 0) * 1440 + hours * 60 + minutes + (seconds > 0)
+
+
+def _partition_nodes(partition: str) -> list[tuple[int, int, int, int | None]]:
+    """(CPUs, memory MB, GPUs, time limit in minutes) of each node configuration of
+    ``partition``."""
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%c %m %G %l"],
                          capture_output=True, text=True)
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
     if out.returncode or not rows:
         raise ConfigError("partition", f"{{partition}} {partition!r}: no such partition "
                           f"(sinfo: {out.stderr.strip() or 'no nodes'})")
     nodes = []
-    for cpus, mem, gres in rows:
+    for cpus, mem, gres, limit in rows:
         gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",")
                    if g.startswith("gpu") and g.split(":")[-1].split("(")[0].isdigit())
-        nodes.append((int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus))
+        nodes.append((int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus, _minutes(limit)))
     return nodes
 
 

@@ -136,7 +136,8 @@ def _run_grid(spec: SweepSpec, out: Path, points: list, stores: dict[str, RunSto
         elif identity in first:
             shared[first[identity].name].append(key)
         else:
-            task = RunTask(name, config, strategy, seed, stores[name].out, STRATEGIES[strategy])
+            task = RunTask(name, config, strategy, seed, stores[name].out,
+                           tuple(STRATEGIES[s] for s in config.strategies))
             first[identity], shared[task.name] = task, [key]
             tasks.append(task)
     log.info("sweep %s: %d runs, %d done, %d to run on %s, %d shared with another point", out,
