@@ -1,5 +1,6 @@
-"""The experiment machinery: typed configurations, strategy registries, the runner with its
-run store and reports, and sweeps (in this process or on Ray)."""
+"""The experiment machinery: typed configurations whose fields declare the stages they change
+(identity), strategy registries, the runner with its run store and reports, and sweeps run
+by an engine (in this process, on Ray or on SLURM)."""
 
 from kvb_avalanche.experiments.config import (
     QUICK,
@@ -7,6 +8,8 @@ from kvb_avalanche.experiments.config import (
     ExperimentConfig,
     ToyConfig,
 )
+from kvb_avalanche.experiments.engines import ENGINES, Engine, EngineOptions
+from kvb_avalanche.experiments.identity import Stage
 from kvb_avalanche.experiments.records import KeySharingRow, MatrixRow, RunRecord, RunStore
 from kvb_avalanche.experiments.runner import (
     RunOptions,
@@ -18,21 +21,33 @@ from kvb_avalanche.experiments.runner import (
     run_toy,
 )
 from kvb_avalanche.experiments.strategies import STRATEGIES, TOY, BuildContext, StrategyRegistry
-from kvb_avalanche.experiments.sweep import SweepSpec, load_spec, parse_spec, run_sweep
+from kvb_avalanche.experiments.sweep import (
+    SweepFailed,
+    SweepSpec,
+    load_spec,
+    parse_spec,
+    report,
+    run_sweep,
+)
 
 __all__ = [
+    "ENGINES",
     "QUICK",
     "STRATEGIES",
     "TOY",
     "BuildContext",
     "ConfigError",
+    "Engine",
+    "EngineOptions",
     "ExperimentConfig",
     "KeySharingRow",
     "MatrixRow",
     "RunOptions",
     "RunRecord",
     "RunStore",
+    "Stage",
     "StrategyRegistry",
+    "SweepFailed",
     "SweepSpec",
     "ToyConfig",
     "Workbench",
@@ -40,6 +55,7 @@ __all__ = [
     "load_spec",
     "make_evaluator",
     "parse_spec",
+    "report",
     "run_experiment",
     "run_stream",
     "run_sweep",

@@ -346,16 +346,13 @@ class RayEngine(Engine):
                 record = ray.get(ref)
             except ray.exceptions.RayError as e:  # the run's exception, or its worker died
                 cause = getattr(e, "cause", None) or e
-                if isinstance(cause, ray.exceptions.RayError):  # a fit the run waited for
-                    self._drop_failed_fit(task)
+                if STRATEGIES[task.strategy].uses_bottleneck:  # its fit may have failed: a
+                    # retry reads the keys stored meanwhile, or fits them again
+                    self._keys.pop(key_identity(task.config, task.seed), None)
                 yield Outcome(task, None, f"{type(cause).__name__}: {cause}"[:2000],
                               getattr(cause, "log_tail", []) or tail(task.log_path()))
             else:
                 yield Outcome(task, record)
-
-    def _drop_failed_fit(self, task: RunTask) -> None:
-        if STRATEGIES[task.strategy].uses_bottleneck:
-            self._keys.pop(key_identity(task.config, task.seed), None)
 
     def close(self) -> None:
         import ray
