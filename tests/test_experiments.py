@@ -139,6 +139,10 @@ def test_every_field_a_builder_reads_is_declared_to_change_its_runs():
     functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
     kvb = _config_fields_read(functions["_kvb"])
     assert kvb == {"kvb_lr", "kvb_epochs"}
+    # each of ours says which run stage it reads; a registration that does not, reads all
+    assert STRATEGIES["kvb"].reads == STRATEGIES["kvb_joint"].reads == {Stage.BOTTLENECK_RUNS}
+    assert all(STRATEGIES[s].reads == {Stage.BASELINE_RUNS} for s in STRATEGIES
+               if not STRATEGIES[s].uses_bottleneck)
     assert all(Stage.BOTTLENECK_RUNS in changes(ExperimentConfig, f) for f in kvb)
     baseline_code = [f for name, f in functions.items()
                      if name not in ("_kvb", "common", "build") and not name.startswith("_toy")]
@@ -158,7 +162,8 @@ def test_every_field_a_builder_reads_is_declared_to_change_its_runs():
             != run_identity(config.replace(epochs=3), "linear_probe", 0))
 
 
-def test_a_package_registers_strategies_through_the_entry_point_group(tmp_path, monkeypatch):
+def test_a_package_registers_strategies_through_the_entry_point_group(tmp_path, monkeypatch,
+                                                                     caplog):
     # what `pip install my-package` with [project.entry-points."kvb_avalanche.strategies"]
     # leaves on sys.path: a dist-info naming the module, loaded at the registry's first use
     from kvb_avalanche.experiments.strategies import StrategyRegistry
@@ -173,11 +178,16 @@ def test_a_package_registers_strategies_through_the_entry_point_group(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr("builtins._kvb_registry", registry, raising=False)
     assert list(registry) == ["mine"] and registry["mine"].name == "mine"
-    (info / "entry_points.txt").write_text("[kvb_test.strategies]\nbroken = no_such_mod\n")
-    broken = StrategyRegistry("test", entry_points="kvb_test.strategies")
-    with pytest.raises(ImportError, match="entry point 'broken' = 'no_such_mod' of group "
-                                          "'kvb_test.strategies' failed to load"):
-        list(broken)
+    # a broken package is named in a warning, and does not take the others down with it
+    (info / "entry_points.txt").write_text("[kvb_test.strategies]\nbroken = no_such_mod\n"
+                                           "mine = my_strategies\n")
+    monkeypatch.delitem(sys.modules, "my_strategies")
+    again = StrategyRegistry("test", entry_points="kvb_test.strategies")
+    monkeypatch.setattr("builtins._kvb_registry", again, raising=False)
+    with caplog.at_level("WARNING"):
+        assert list(again) == ["mine"]
+    assert "entry point 'broken' = 'no_such_mod' of group 'kvb_test.strategies' failed to " \
+           "load, its strategies are missing: ModuleNotFoundError" in caplog.text
 
 
 def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):

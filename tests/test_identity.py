@@ -156,3 +156,50 @@ def test_what_a_field_is_declared_not_to_change_stays_bitwise_equal(cifar_cache)
         if runs and all(before[s] == after[s] for s in runs):
             wrong.append(f"{name} declares {sorted(runs)} but changed none of them")
     assert not wrong, wrong
+
+
+def test_a_strategy_that_does_not_say_what_it_reads_is_never_shared_across_a_field(
+        monkeypatch):
+    # a user's KVB variant reading the baselines' lr: unsaid, every run field decides it
+    from kvb_avalanche.experiments.runner import is_reference
+    from kvb_avalanche.experiments.strategies import STRATEGIES, StrategyRegistry
+
+    registry = StrategyRegistry("test")
+    registry.register("kvb_adam", uses_bottleneck=True)(lambda ctx: None)
+    monkeypatch.setitem(STRATEGIES._specs, "kvb_adam", registry["kvb_adam"])  # noqa: SLF001
+    config = base()
+    for name, value in (("lr", 0.05), ("kvb_lr", 1.0), ("epochs", 4), ("codebooks", 16)):
+        assert run_identity(config, "kvb_adam", 0) != run_identity(
+            config.replace(**{name: value}), "kvb_adam", 0), name
+        assert not is_reference("kvb_adam", name)
+    assert is_reference("kvb", "lr") and is_reference("linear_probe", "kvb_lr")
+    with pytest.raises(ValueError, match="reads must name run stages"):
+        registry.register("odd", reads=Stage.KEYS)
+
+
+def test_an_engine_on_other_machines_fixes_the_device_auto_once_for_all_of_them():
+    from kvb_avalanche.experiments.spec import parse_spec
+
+    spec = parse_spec({"parameters": {"codebooks": {"values": [8, 16]}}})
+    assert spec.with_device("cpu").fixed["device"] == "cpu"
+    assert all(c.device == "cuda" for _, c in spec.with_device("cuda").points())
+    swept = parse_spec({"parameters": {"device": {"values": ["auto", "cpu"]}}})
+    assert swept.with_device("cuda").grid["device"] == ["cuda", "cpu"]
+    fixed = parse_spec({"parameters": {"device": {"value": "cpu"}}})
+    assert fixed.with_device("cuda").fixed["device"] == "cpu"  # what the user said stays
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
+def test_keys_fitted_on_the_first_experience_change_with_the_fields_that_decide_it(
+        cifar_cache):
+    first = base().replace(key_init_data="none")
+    data = Workbench(RunOptions(cache_dir=cifar_cache, progress=False)).data(first)
+    keys = {name: fit_bottleneck(first.replace(**{name: value}), data, 0, progress=False).keys
+            for name, value in (("n_experiences", 2), ("shuffle_classes", True))}
+    reference = fit_bottleneck(first, data, 0, progress=False).keys
+    assert all(not torch.equal(reference, k) for k in keys.values())
+    # with keys fitted on other data, the experiences leave them as they are
+    other = Workbench(RunOptions(cache_dir=cifar_cache, progress=False)).data(base())
+    assert torch.equal(fit_bottleneck(base(), other, 0, progress=False).keys,
+                       fit_bottleneck(base().replace(n_experiences=2), other, 0,
+                                      progress=False).keys)

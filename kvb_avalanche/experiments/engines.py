@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -130,6 +131,11 @@ def import_modules(names: Sequence[str]) -> None:
                               f"({type(e).__name__}: {e})") from e
 
 
+def threads_for(cpus: float) -> int:
+    """Torch threads of a run given ``cpus`` CPUs (Ray and SLURM alike): at least one."""
+    return max(1, math.ceil(cpus))
+
+
 def tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-lines:]
@@ -188,9 +194,12 @@ def execute(task: RunTask, options: RunOptions, keys_dir: Path, threads: int | N
         handler.close()
 
 
-def fit_keys(config: ExperimentConfig, seed: int, options: RunOptions, keys_dir: Path
-             ) -> None:
+def fit_keys(config: ExperimentConfig, seed: int, options: RunOptions, keys_dir: Path,
+             threads: int) -> None:
     """A SLURM key-fit job: fit the seed's keys and store them under ``keys_dir``."""
+    import torch
+
+    torch.set_num_threads(threads)
     Workbench(options, keys_dir=keys_dir).keys(config, seed)
 
 
@@ -201,6 +210,10 @@ class Engine(ABC):
     name: ClassVar[str]
     accepts: ClassVar[frozenset[str]] = frozenset()  # EngineOptions it honours
     extra: ClassVar[str | None] = None  # the pip extra it needs
+    module: ClassVar[str | None] = None  # the library of that extra
+    # runs execute on other machines, where 'auto' could resolve to another device: the
+    # sweep fixes it (cuda with GPUs per run, else cpu) before identities are derived
+    resolves_auto_device: ClassVar[bool] = True
 
     def __init__(self, options: EngineOptions, run_options: RunOptions, out: Path,
                  bench: Workbench) -> None:
@@ -238,6 +251,7 @@ class LocalEngine(Engine):
     """One run after another in this process, sharing embeddings, keys and code caches."""
 
     name = "local"
+    resolves_auto_device = False  # one machine: 'auto' is what it has
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -258,9 +272,12 @@ class LocalEngine(Engine):
 
 
 # ---------------------------------------------------------------------------- ray
-def _ray_fit(config: ExperimentConfig, data: Any, seed: int) -> Any:
+def _ray_fit(config: ExperimentConfig, data: Any, seed: int, threads: int) -> Any:
+    import torch
+
     from kvb_avalanche.experiments.runner import fit_bottleneck
 
+    torch.set_num_threads(threads)
     return fit_bottleneck(config, data, seed, progress=False)
 
 
@@ -269,7 +286,7 @@ class RayEngine(Engine):
 
     name = "ray"
     accepts = frozenset({"address", "cpus_per_run", "gpus_per_run"})
-    extra = "ray"
+    extra, module = "ray", "ray"
 
     def open(self) -> None:
         import ray
@@ -290,45 +307,63 @@ class RayEngine(Engine):
                                   f"that many ({key} per node: at most {most:g})")
         for module in self.options.imports:  # their code travels with the tasks
             ray.cloudpickle.register_pickle_by_value(sys.modules[module])
+        self.threads = threads_for(self.cpus)
         self._fit = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_fit)
         self._run = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(execute)
         self._data: dict[tuple, Any] = {}  # data identity -> object ref
         self._keys: dict[tuple, Any] = {}  # key identity -> object ref (a fit or stored keys)
         self._fits: dict[Any, tuple[tuple, Path]] = {}  # fit in flight -> its key identity, file
-        self._pending: dict[Any, RunTask] = {}
+        self._pending: dict[Any, tuple[RunTask, Any]] = {}  # run -> its task, its keys' ref
+        self._refused: list[Outcome] = []  # runs whose inputs the driver could not make
 
     def submit(self, tasks: Sequence[RunTask]) -> None:
+
+        for task in tasks:
+            try:  # the driver's own part (embeddings, stored keys) fails like a run
+                dkey, keys = self._inputs(task)
+            except Exception as e:  # noqa: BLE001
+                self._refused.append(Outcome(task, None, f"{type(e).__name__}: {e}"[:2000]))
+                continue
+            ref = self._run.remote(task, self.run_options, self.keys_dir, self.threads,
+                                   self._data[dkey], keys)
+            self._pending[ref] = (task, keys)
+
+    def _inputs(self, task: RunTask) -> tuple[tuple, Any]:
+        """The task's data identity (its embeddings put in the object store) and its keys:
+        stored by an earlier run, or the fit that the run waits for (one per key identity,
+        fitted again only after it failed)."""
         import ray
 
         from kvb_avalanche.experiments.runner import data_identity, load_keys
 
-        for task in tasks:
-            config, seed = task.config, task.seed
-            dkey = data_identity(config)
-            if dkey not in self._data:
-                self._data[dkey] = ray.put(self.bench.data(config))
-            keys = None
-            if STRATEGIES[task.strategy].uses_bottleneck:
-                kkey = key_identity(config, seed)
-                path = self.bench.keys_path(config, seed)
-                if kkey not in self._keys:
-                    if path is not None and path.exists():  # stored by an earlier run
-                        self._keys[kkey] = ray.put(load_keys(config, self.bench.data(config),
-                                                             seed, path))
-                    else:
-                        self._keys[kkey] = self._fit.remote(config, self._data[dkey], seed)
-                        self._fits[self._keys[kkey]] = (kkey, path)
-                keys = self._keys[kkey]
-            ref = self._run.remote(task, self.run_options, self.keys_dir,
-                                   max(1, int(self.cpus)), self._data[dkey], keys)
-            self._pending[ref] = task
+        config, seed = task.config, task.seed
+        dkey = data_identity(config)
+        if dkey not in self._data:
+            self._data[dkey] = ray.put(self.bench.data(config))
+        if not STRATEGIES[task.strategy].uses_bottleneck:
+            return dkey, None
+        kkey = key_identity(config, seed)
+        if kkey not in self._keys:
+            path = self.bench.keys_path(config, seed)
+            if path is not None and path.exists():  # stored by an earlier run
+                self._keys[kkey] = ray.put(load_keys(config, self.bench.data(config), seed,
+                                                     path))
+            else:
+                self._keys[kkey] = self._fit.remote(config, self._data[dkey], seed,
+                                                    self.threads)
+                self._fits[self._keys[kkey]] = (kkey, path)
+        return dkey, self._keys[kkey]
 
     def results(self) -> Iterator[Outcome]:
         import ray
 
         from kvb_avalanche.experiments.runner import save_keys
 
-        while self._pending or self._fits:
+        while self._pending or self._fits or self._refused:
+            while self._refused:
+                yield self._refused.pop(0)
+            if not (self._pending or self._fits):
+                break
             ready, _ = ray.wait([*self._fits, *self._pending], num_returns=1)
             ref = ready[0]
             if ref in self._fits:  # stored the moment it arrives, as a run's record is
@@ -336,19 +371,17 @@ class RayEngine(Engine):
                 try:
                     bottleneck = ray.get(ref)
                 except ray.exceptions.RayError:  # its runs report it; a retry fits again
-                    self._keys.pop(kkey, None)
+                    if self._keys.get(kkey) is ref:
+                        del self._keys[kkey]
                 else:
                     if path is not None:
                         save_keys(bottleneck, path)
                 continue
-            task = self._pending.pop(ref)
+            task, keys = self._pending.pop(ref)
             try:
                 record = ray.get(ref)
             except ray.exceptions.RayError as e:  # the run's exception, or its worker died
                 cause = getattr(e, "cause", None) or e
-                if STRATEGIES[task.strategy].uses_bottleneck:  # its fit may have failed: a
-                    # retry reads the keys stored meanwhile, or fits them again
-                    self._keys.pop(key_identity(task.config, task.seed), None)
                 yield Outcome(task, None, f"{type(cause).__name__}: {cause}"[:2000],
                               getattr(cause, "log_tail", []) or tail(task.log_path()))
             else:
@@ -366,26 +399,31 @@ class RayEngine(Engine):
 class SlurmEngine(Engine):
     """SLURM job arrays through submitit: per wave, one array of key fits and one of runs
     that depends on it. Needs a file system shared with the nodes (DIR, the embedding
-    cache)."""
+    cache). Job states come from submitit (sacct), and from squeue where the cluster keeps
+    no accounting: a job that ended without a result (cancelled, killed, out of time) is a
+    failure either way, never a wait."""
 
     name = "slurm"
     accepts = frozenset({"cpus_per_run", "gpus_per_run", "partition", "time_min", "mem_gb"})
-    extra = "slurm"
+    extra, module = "slurm", "submitit"
 
     def open(self) -> None:
-        import submitit  # noqa: F401
+        import cloudpickle  # submitit's pickler
 
         if shutil.which("sbatch") is None:
             raise ConfigError("engine", "{engine} slurm: no sbatch on PATH; run the sweep on a "
                               "SLURM login node")
+        gpus = self.options.gpus_per_run or 0
+        if gpus != int(gpus):
+            raise ConfigError("gpus_per_run", f"{{gpus_per_run}} {gpus:g}: SLURM gives whole "
+                              "GPUs (an integer)")
         self.partition = self.options.partition or _default_partition()
         nodes = _partition_nodes(self.partition)
         cpus = self.options.cpus_per_run or 1
         for name, asked, most, unit in (
                 ("cpus_per_run", cpus, max(n[0] for n in nodes), "CPUs"),
                 ("mem_gb", self.options.mem_gb or 0, max(n[1] for n in nodes) / 1024, "GB"),
-                ("gpus_per_run", self.options.gpus_per_run or 0, max(n[2] for n in nodes),
-                 "GPUs")):
+                ("gpus_per_run", gpus, max(n[2] for n in nodes), "GPUs")):
             if asked > most:
                 raise ConfigError(name, f"{{{name}}} {asked:g}: no node of partition "
                                   f"{self.partition!r} has that many ({unit} per node: at most "
@@ -396,34 +434,38 @@ class SlurmEngine(Engine):
             raise ConfigError("time_min", f"{{time_min}} {self.options.time_min}: partition "
                               f"{self.partition!r} allows at most {limit} minutes a job")
         self.time_min = self.options.time_min or min(limit or 24 * 60, 24 * 60)
-        self.cpus = int(-(-cpus // 1))
-        import cloudpickle  # submitit's pickler: the user's strategy modules travel by value
-
-        for module in self.options.imports:
+        self.cpus, self.gpus = math.ceil(cpus), int(gpus)
+        for module in self.options.imports:  # their code travels by value with the jobs
             cloudpickle.register_pickle_by_value(sys.modules[module])
         self.job_name = "kvb-sweep-" + _digest(str(self.out))
         # a killed driver's jobs may still run: cancelled, their runs submitted again
-        subprocess.run(["scancel", "--name", self.job_name], capture_output=True, check=False)
-        self._jobs: list[tuple[Any, RunTask]] = []
+        self._cancel()
+        self._jobs: dict[str, tuple[Any, RunTask | None]] = {}  # job id -> job, its run
+        self._ended: dict[str, float] = {}  # job id -> when squeue first showed it ended
         self._refused: list[Outcome] = []  # runs sbatch refused: failures like any other
+        self._polled = 0.0
+
+    def _cancel(self) -> None:
+        user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        subprocess.run(["scancel", "--name", self.job_name, *(["--user", user] if user else [])],
+                       capture_output=True, check=False)
 
     def _executor(self, what: str, dependency: str | None = None) -> Any:
         import submitit
 
         executor = submitit.AutoExecutor(folder=self.out / "slurm" / "%j", cluster="slurm")
-        extra: dict[str, Any] = {}
-        if dependency:
-            extra["dependency"] = dependency
         executor.update_parameters(
             name=self.job_name, slurm_partition=self.partition, cpus_per_task=self.cpus,
             timeout_min=self.time_min,
             **({"mem_gb": self.options.mem_gb} if self.options.mem_gb else {}),
-            **({"gpus_per_node": int(self.options.gpus_per_run)}
-               if self.options.gpus_per_run else {}),
-            slurm_additional_parameters=extra, slurm_comment=what)
+            **({"gpus_per_node": self.gpus} if self.gpus else {}),
+            slurm_additional_parameters={"dependency": dependency} if dependency else {},
+            slurm_comment=what)
         return executor
 
     def submit(self, tasks: Sequence[RunTask]) -> None:
+        if not tasks:
+            return
         fits, seen = [], set()
         for task in tasks:  # keys not stored yet: one fit job per (keys, seed)
             if STRATEGIES[task.strategy].uses_bottleneck:
@@ -432,13 +474,14 @@ class SlurmEngine(Engine):
                 if kkey not in seen and not (path is not None and path.exists()):
                     seen.add(kkey)
                     fits.append((task.config, task.seed))
-        dependency = None
         try:
+            dependency = None
             if fits:
                 executor = self._executor("key fits")
                 with executor.batch():
                     jobs = [executor.submit(fit_keys, config, seed, self.run_options,
-                                            self.keys_dir) for config, seed in fits]
+                                            self.keys_dir, self.cpus) for config, seed in fits]
+                self._jobs.update({job.job_id: (job, None) for job in jobs})
                 dependency = "afterany:" + ":".join(sorted({j.job_id.split("_")[0]
                                                             for j in jobs}))
             executor = self._executor("runs", dependency)
@@ -449,34 +492,84 @@ class SlurmEngine(Engine):
             error = f"sbatch refused the jobs: {type(e).__name__}: {e}"[:2000]
             self._refused += [Outcome(task, None, error) for task in tasks]
             return
-        self._jobs += list(zip(jobs, tasks, strict=True))
+        self._jobs.update({job.job_id: (job, task) for job, task in zip(jobs, tasks,
+                                                                        strict=True)})
         log.info("slurm: submitted %d key fit(s) and %d run(s) (job %s)", len(fits),
-                 len(tasks), jobs[0].job_id.split("_")[0] if jobs else "-")
+                 len(tasks), jobs[0].job_id.split("_")[0])
 
     def results(self) -> Iterator[Outcome]:
         while self._jobs or self._refused:
             while self._refused:
                 yield self._refused.pop(0)
-            finished = [(j, t) for j, t in self._jobs if j.done()]
+            ended = self._ended_without_result()
+            finished = [i for i, (job, _) in self._jobs.items() if job.done() or i in ended]
             if not finished:
                 time.sleep(1.0)
                 continue
-            for job, task in finished:
-                self._jobs.remove((job, task))
-                try:
-                    record = job.result()
-                except Exception as e:  # noqa: BLE001 (the job's exception, or its end)
-                    # submitit gives the job's traceback as text: the run's own error is
-                    # its last RunError line; a job that ended without a result says so
-                    raised = re.findall(r"RunError: (.+)", str(e))
-                    error = raised[-1] if raised else f"{type(e).__name__}: {e}"
-                    yield Outcome(task, None, error[:2000], tail(task.log_path()))
-                else:
-                    yield Outcome(task, record)
+            for job_id in finished:
+                job, task = self._jobs.pop(job_id)
+                outcome = self._outcome(job, task, ended.get(job_id))
+                if task is not None:
+                    yield outcome
+                elif outcome.error:  # a key fit: the runs that depend on it fit them again
+                    log.warning("slurm: key fit job %s failed (its runs fit the keys "
+                                "themselves): %s; log: %s", job_id, outcome.error,
+                                job.paths.stderr)
+
+    @staticmethod
+    def _outcome(job: Any, task: RunTask | None, ended: str | None) -> Outcome:
+        if ended is not None and not job.done():
+            return Outcome(task, None, f"job {job.job_id} ended {ended} without a result",
+                           tail(task.log_path()) if task else [])
+        try:
+            record = job.result()
+        except Exception as e:  # noqa: BLE001 (the job's exception, or its end)
+            # submitit gives the job's traceback as text: the run's own error is its last
+            # RunError line; a job that ended without a result says so
+            raised = re.findall(r"RunError: (.+)", str(e))
+            error = raised[-1] if raised else f"{type(e).__name__}: {e}"
+            return Outcome(task, None, error[:2000], tail(task.log_path()) if task else [])
+        return Outcome(task, record)
+
+    def _ended_without_result(self) -> dict[str, str]:
+        """Job id -> its state, for jobs squeue shows ended for over GRACE_S seconds (their
+        result, if any, has landed by then) that submitit has not seen end."""
+        now = time.monotonic()
+        if now - self._polled < 5.0 or not self._jobs:
+            return {}
+        self._polled = now
+        states = _squeue_states(list(self._jobs))
+        out = {}
+        for job_id, state in states.items():
+            if job_id in self._jobs and state in ENDED:
+                first = self._ended.setdefault(job_id, now)
+                if now - first >= GRACE_S:
+                    out[job_id] = state
+        return out
 
     def close(self) -> None:
-        for job, _ in getattr(self, "_jobs", []):
-            job.cancel(check=False)
+        if getattr(self, "_jobs", None):
+            self._cancel()
+
+
+# job states after which a job writes no more results
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+         "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"}
+GRACE_S = 20.0  # a result file lands this long after its job's end, at most
+
+
+def _squeue_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """Job id (``123_4`` for array tasks) -> its state, from squeue, which lists ended jobs
+    for the cluster's MinJobAge: what the driver reads where sacct cannot answer."""
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(arrays)],
+                         capture_output=True, text=True)
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1]
+    return states
 
 
 def _digest(text: str) -> str:
@@ -495,15 +588,28 @@ def _default_partition() -> str:
 
 
 def _minutes(limit: str) -> int | None:
-    """A SLURM time limit (``[days-]hours:minutes:seconds``, ``minutes:seconds``,
-    ``minutes``) in whole minutes; None for ``infinite``."""
+    """A SLURM time limit (``[days-]hours:minutes:seconds``, ``days-hours``,
+    ``minutes:seconds``, ``minutes``) in whole minutes; None for ``infinite``."""
     if limit.lower() in ("infinite", "unlimited"):
         return None
     days, _, clock = limit.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
-    hours, minutes, seconds = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (
-        0, parts[0], 0)
+    if days and len(parts) == 1:  # days-hours
+        parts = [parts[0], 0, 0]
+    elif len(parts) == 1:  # minutes
+        parts = [0, parts[0], 0]
+    hours, minutes, seconds = [0] * (3 - len(parts)) + parts
     return int(days or 0) * 1440 + hours * 60 + minutes + (seconds > 0)
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in a GRES string: ``gpu:4``, ``gpu:a100:4(S:0-1)``, ``(null)``."""
+    total = 0
+    for item in re.sub(r"\(.*?\)", "", gres).split(","):
+        fields = item.split(":")
+        if fields[0] == "gpu" and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
 
 
 def _partition_nodes(partition: str) -> list[tuple[int, int, int, int | None]]:
@@ -515,12 +621,8 @@ def _partition_nodes(partition: str) -> list[tuple[int, int, int, int | None]]:
     if out.returncode or not rows:
         raise ConfigError("partition", f"{{partition}} {partition!r}: no such partition "
                           f"(sinfo: {out.stderr.strip() or 'no nodes'})")
-    nodes = []
-    for cpus, mem, gres, limit in rows:
-        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",")
-                   if g.startswith("gpu") and g.split(":")[-1].split("(")[0].isdigit())
-        nodes.append((int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus, _minutes(limit)))
-    return nodes
+    return [(int(cpus.rstrip("+")), int(mem.rstrip("+")), _gpus(gres), _minutes(limit))
+            for cpus, mem, gres, limit in rows]
 
 
 ENGINES: dict[str, type[Engine]] = {e.name: e for e in (LocalEngine, RayEngine, SlurmEngine)}
@@ -532,12 +634,11 @@ def engine_class(name: str) -> type[Engine]:
         raise ConfigError("engine", f"{{engine}} must be one of {', '.join(ENGINES)}, "
                           f"got {name!r}")
     cls = ENGINES[name]
-    module = {"ray": "ray", "slurm": "submitit"}.get(name)
-    if module is not None:
+    if cls.module is not None:
         try:
-            importlib.import_module(module)
+            importlib.import_module(cls.module)
         except ImportError as e:
-            what = "Ray" if name == "ray" else "submitit"
+            what = "Ray" if cls.module == "ray" else cls.module
             raise ConfigError("engine", f"{{engine}} {name} needs {what}: pip install "
                               f"'kvb-avalanche[{cls.extra}]'") from e
     return cls

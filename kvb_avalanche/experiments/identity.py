@@ -87,9 +87,12 @@ def stage_fields(config: Any, stage: Stage) -> tuple[str, ...]:
     return tuple(names)
 
 
-def identity(config: Any, stage: Stage) -> tuple[str, ...]:
-    """``field=value`` for every field deciding ``stage``: equal identities, equal output."""
-    return tuple(f"{name}={getattr(config, name)!s}" for name in stage_fields(config, stage))
+def identity(config: Any, *stages: Stage) -> tuple[str, ...]:
+    """``field=value`` for every field deciding any of ``stages``: equal identities, equal
+    output."""
+    names = {name for stage in stages for name in stage_fields(config, stage)}
+    return tuple(f"{f.name}={getattr(config, f.name)!s}" for f in dataclasses.fields(config)
+                 if f.name in names)
 
 
 def embedded_fields(config: Any) -> tuple[str, ...]:

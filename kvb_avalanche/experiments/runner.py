@@ -158,10 +158,9 @@ def run_stream(
 # ---------------------------------------------------------------------------- split CIFAR
 def run_identity(config: ExperimentConfig, strategy: str, seed: int) -> tuple:
     """What decides a run's numbers: runs that share it are the same run (a baseline at two
-    settings of the bottleneck, say). Derived from the fields' stage declarations."""
-    stage = (Stage.BOTTLENECK_RUNS if STRATEGIES[strategy].uses_bottleneck
-             else Stage.BASELINE_RUNS)
-    return (strategy, seed, *identity(config, stage))
+    settings of the bottleneck, say). Derived from the fields' stage declarations and the
+    run stages the strategy reads."""
+    return (strategy, seed, *identity(config, *STRATEGIES[strategy].reads))
 
 
 def key_identity(config: ExperimentConfig, seed: int) -> tuple:
@@ -169,24 +168,26 @@ def key_identity(config: ExperimentConfig, seed: int) -> tuple:
     return (seed, *identity(config, Stage.KEYS))
 
 
+def needs_keys(config: ExperimentConfig) -> bool:
+    """Whether a strategy of the configuration uses the bottleneck (so the key-initialisation
+    data are embedded too)."""
+    return any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
+
+
 def data_identity(config: ExperimentConfig) -> tuple:
     """What decides the embedded data: configurations that share it share the embeddings."""
-    needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
-    return (needs_keys, *(f"{name}={getattr(config, name)!s}"
-                          for name in embedded_fields(config)))
+    return (needs_keys(config), *(f"{name}={getattr(config, name)!s}"
+                                  for name in embedded_fields(config)))
 
 
 def is_reference(strategy: str, field_name: str) -> bool:
     """Whether ``strategy``'s runs do not depend on the field (a sweep over it runs them
     once and draws them as a line across)."""
-    stage = (Stage.BOTTLENECK_RUNS if STRATEGIES[strategy].uses_bottleneck
-             else Stage.BASELINE_RUNS)
-    return stage not in changes(ExperimentConfig, field_name)
+    return not STRATEGIES[strategy].reads & changes(ExperimentConfig, field_name)
 
 
 def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
     """The configuration's embedded splits (from the cache when they are there)."""
-    needs_keys = any(STRATEGIES[s].uses_bottleneck for s in config.strategies)
     try:
         encoder = build_encoder(config.encoder, config.weights)
     except ValueError as e:  # a name or weights file the library refuses
@@ -201,7 +202,7 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         config.dataset, encoder=encoder,
         resolution=config.resolution, max_per_class=config.max_per_class,
         test_max_per_class=config.test_max_per_class,
-        key_init_data=config.key_init_data if needs_keys else None,
+        key_init_data=config.key_init_data if needs_keys(config) else None,
         key_init_max_per_class=config.key_init_max_per_class,
         options=DataOptions(options.data_root, options.download, options.cache_dir,
                             str(device_of(config)), options.progress))

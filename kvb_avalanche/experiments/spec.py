@@ -52,6 +52,16 @@ class SweepSpec:
         """A first look at the sweep: the ``quick`` preset under the same grid, one seed."""
         return dataclasses.replace(self, preset="quick", seeds=self.seeds[:1])
 
+    def with_device(self, device: str) -> SweepSpec:
+        """The spec with the device ``auto`` (the default) made ``device``: an engine whose
+        runs execute on other machines decides it once, for all of them."""
+        fixed, grid = dict(self.fixed), dict(self.grid)
+        if "device" in grid:
+            grid["device"] = [device if v == "auto" else v for v in grid["device"]]
+        elif fixed.get("device", "auto") == "auto":
+            fixed["device"] = device
+        return dataclasses.replace(self, fixed=fixed, grid=grid)
+
     def to_dict(self) -> dict:
         """Plain JSON types (lists, not tuples), as config.json holds it."""
         return json.loads(json.dumps(dataclasses.asdict(self)))

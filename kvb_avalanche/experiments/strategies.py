@@ -5,7 +5,7 @@ Register your own beside ours, in a module that the command imports with ``--imp
 MODULE`` (sweep workers import it too), or that an installed package names in the
 ``kvb_avalanche.strategies`` entry-point group:
 
-    @STRATEGIES.register("kvb_adam", uses_bottleneck=True)
+    @STRATEGIES.register("kvb_adam", uses_bottleneck=True, reads=Stage.BOTTLENECK_RUNS)
     def kvb_adam(ctx: BuildContext) -> SupervisedTemplate:
         model = KVBModel(None, ctx.bottleneck, VotingDecoder(ctx.num_classes))
         return KVBStrategy(model=model, optimizer=torch.optim.Adam([model.bottleneck.values]),
@@ -14,7 +14,8 @@ MODULE`` (sweep workers import it too), or that an installed package names in th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -27,10 +28,13 @@ from torch import nn
 
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.experiments.identity import Stage
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import FrozenCodesPlugin
 from kvb_avalanche.strategy import KVBStrategy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,9 @@ class StrategySpec:
     build: Callable[[BuildContext], SupervisedTemplate]
     joint: bool  # trained once on all classes (an i.i.d. upper bound), evaluated at the end
     uses_bottleneck: bool  # needs the seed's fitted key-value bottleneck
+    # the run stages whose fields the builder reads (identity.py): its runs are shared by
+    # grid points that agree on those fields. Unsaid, every run field: never shared wrongly
+    reads: frozenset[Stage] = frozenset({Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS})
 
 
 class StrategyRegistry(Mapping[str, StrategySpec]):
@@ -79,18 +86,31 @@ class StrategyRegistry(Mapping[str, StrategySpec]):
         for entry in metadata.entry_points(group=self.entry_points):
             try:
                 entry.load()
-            except Exception as e:
-                raise ImportError(f"entry point {entry.name!r} = {entry.value!r} of group "
-                                  f"{self.entry_points!r} failed to load: "
-                                  f"{type(e).__name__}: {e}") from e
+            except Exception as e:  # noqa: BLE001 (one broken package must not stop the rest)
+                log.warning("entry point %r = %r of group %r failed to load, its strategies "
+                            "are missing: %s: %s", entry.name, entry.value, self.entry_points,
+                            type(e).__name__, e)
 
-    def register(self, name: str, *, joint: bool = False, uses_bottleneck: bool = False
+    def register(self, name: str, *, joint: bool = False, uses_bottleneck: bool = False,
+                 reads: Stage | Iterable[Stage] = Stage.RUNS
                  ) -> Callable[[Callable[[BuildContext], SupervisedTemplate]],
                                Callable[[BuildContext], SupervisedTemplate]]:
+        """Register a builder. ``reads``: the run stages whose configuration fields it
+        reads (``Stage.BOTTLENECK_RUNS``: KVB's, ``Stage.BASELINE_RUNS``: the baselines',
+        default ``Stage.RUNS``, both); a sweep shares its runs only across grid points that
+        agree on all of those fields."""
+        stages = {Stage(s) for s in ((reads,) if isinstance(reads, str) else reads)}
+        if Stage.RUNS in stages:
+            stages = (stages - {Stage.RUNS}) | {Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS}
+        if not stages or not stages <= {Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS}:
+            raise ValueError(f"reads must name run stages (Stage.BOTTLENECK_RUNS, "
+                             f"Stage.BASELINE_RUNS or Stage.RUNS), got {reads!r}")
+
         def add(build: Callable[[BuildContext], SupervisedTemplate]):
             if name in self._specs:
                 raise ValueError(f"strategy {name!r} is registered already in {self.family}")
-            self._specs[name] = StrategySpec(name, build, joint, uses_bottleneck)
+            self._specs[name] = StrategySpec(name, build, joint, uses_bottleneck,
+                                             frozenset(stages))
             return build
 
         return add
@@ -128,7 +148,7 @@ def _kvb(ctx: BuildContext) -> SupervisedTemplate:
                        plugins=[ctx.codes] if ctx.codes is not None else [], **ctx.common())
 
 
-STRATEGIES.register("kvb", uses_bottleneck=True)(_kvb)
+STRATEGIES.register("kvb", uses_bottleneck=True, reads=Stage.BOTTLENECK_RUNS)(_kvb)
 
 
 def _mlp(dim: int, hidden: int, classes: int) -> nn.Module:
@@ -149,35 +169,39 @@ def _register_heads(registry: StrategyRegistry, head: Callable[[BuildContext, bo
     """A linear probe, then naive fine-tuning, EWC and replay of an MLP head (in that
     order, under ``names``), each with the head ``head(ctx, linear)`` gives."""
     probe, naive, ewc, replay = names
-    registry.register(probe)(lambda ctx: Naive(**head(ctx, True)))
-    registry.register(naive)(lambda ctx: Naive(**head(ctx, False)))
-    registry.register(ewc)(lambda ctx: EWC(ewc_lambda=ctx.config.ewc_lambda, **head(ctx, False)))
-    registry.register(replay)(lambda ctx: Replay(mem_size=getattr(ctx.config, buffer_field),
+    baseline = Stage.BASELINE_RUNS
+    registry.register(probe, reads=baseline)(lambda ctx: Naive(**head(ctx, True)))
+    registry.register(naive, reads=baseline)(lambda ctx: Naive(**head(ctx, False)))
+    registry.register(ewc, reads=baseline)(
+        lambda ctx: EWC(ewc_lambda=ctx.config.ewc_lambda, **head(ctx, False)))
+    registry.register(replay, reads=baseline)(lambda ctx: Replay(
+        mem_size=getattr(ctx.config, buffer_field),
                                                  **head(ctx, False)))
 
 
 _register_heads(STRATEGIES, _head, ("linear_probe", "naive", "ewc", "replay"), "buffer_size")
 
 
-@STRATEGIES.register("lwf")
+@STRATEGIES.register("lwf", reads=Stage.BASELINE_RUNS)
 def _lwf(ctx: BuildContext) -> SupervisedTemplate:
     cfg = ctx.config
     return LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **_head(ctx, linear=False))
 
 
-@STRATEGIES.register("slda")
+@STRATEGIES.register("slda", reads=Stage.BASELINE_RUNS)
 def _slda(ctx: BuildContext) -> SupervisedTemplate:
     return StreamingLDA(slda_model=nn.Identity(), criterion=nn.CrossEntropyLoss(),
                         input_size=ctx.dim, num_classes=ctx.num_classes, shrinkage_param=1e-4,
                         train_epochs=1, **ctx.common())
 
 
-@STRATEGIES.register("joint_linear", joint=True)
+@STRATEGIES.register("joint_linear", joint=True, reads=Stage.BASELINE_RUNS)
 def _joint_linear(ctx: BuildContext) -> SupervisedTemplate:
     return Naive(**_head(ctx, linear=True))
 
 
-STRATEGIES.register("kvb_joint", joint=True, uses_bottleneck=True)(_kvb)
+STRATEGIES.register("kvb_joint", joint=True, uses_bottleneck=True,
+                    reads=Stage.BOTTLENECK_RUNS)(_kvb)
 
 
 # ---------------------------------------------------------------------------- the 2-D toy

@@ -86,6 +86,8 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
     cls = engine_class(engine)
     cls.check_options(engine_options)
     import_modules(engine_options.imports)
+    if cls.resolves_auto_device:  # 'auto' would resolve on each node to what that node has
+        spec = spec.with_device("cuda" if engine_options.gpus_per_run else "cpu")
     out = Path(out).resolve()
     options = _absolute(options or RunOptions())
     sweep_store = RunStore(out, spec.to_dict(), options.overwrite, frame=sweep_frame)
@@ -95,15 +97,15 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
                                       options.overwrite, frame=point_frame) for p, c in points}
     for store in stores.values():
         store.check()
-    for name in spec.strategies:  # before the first submission, in every engine
-        STRATEGIES[name]
     bench = Workbench(options, keys_dir=sweep_store.checkpoints / "keys")
     for _, config in points:  # every data set embedded (or found cached) before a file is written
         bench.data(config)
     runner: Engine = cls(engine_options, options, out, bench)
     runner.open()  # the cluster can run what is asked, or ConfigError: nothing written yet
     try:
+        # the imports are read back by `kvb-avalanche report DIR` (their strategies)
         sweep_store.open({"kind": "sweep", "versions": versions(), "engine": engine,
+                          "imports": list(engine_options.imports),
                           "options": {k: str(v) for k, v in vars(options).items()}})
         for (point, config), store in zip(points, stores.values(), strict=True):
             store.open({"kind": config.kind, "point": point})
@@ -147,30 +149,33 @@ def _run_grid(spec: SweepSpec, out: Path, points: list, stores: dict[str, RunSto
     failures: dict[str, dict] = {}
     attempts: dict[str, int] = {}
     bar = tqdm(total=len(tasks), desc="sweep runs", disable=not progress)
-    runner.submit(tasks)
-    for outcome in runner.results():
-        task = outcome.task
-        attempts[task.name] = attempts.get(task.name, 0) + 1
-        if outcome.record is not None:
-            for where in shared[task.name]:
-                stores[where[0]].save(outcome.record)
-                records[where] = outcome.record
-            bar.update()
-        elif attempts[task.name] <= retries:
-            log.warning("run %s failed (attempt %d of %d), submitted again: %s", task.name,
-                        attempts[task.name], retries + 1, outcome.error)
-            runner.submit([task])
+    try:
+        runner.submit(tasks)
+        for outcome in runner.results():
+            task = outcome.task
+            attempts[task.name] = attempts.get(task.name, 0) + 1
+            if outcome.record is not None:
+                for where in shared[task.name]:
+                    stores[where[0]].save(outcome.record)
+                    records[where] = outcome.record
+                bar.update()
+            elif attempts[task.name] <= retries:
+                log.warning("run %s failed (attempt %d of %d), submitted again: %s",
+                            task.name, attempts[task.name], retries + 1, outcome.error)
+                runner.submit([task])
+            else:
+                failures[task.name] = _failure(outcome, attempts[task.name],
+                                               shared[task.name])
+                log.error("run %s failed: %s", task.name, outcome.error)
+                bar.update()
+    finally:  # also when the engine itself breaks: what finished is reported
+        bar.close()
+        # the failures first: a report that cannot be drawn must not lose them
+        if failures:
+            write_json(failures, out / "failures.json")
         else:
-            failures[task.name] = _failure(outcome, attempts[task.name], shared[task.name])
-            log.error("run %s failed: %s", task.name, outcome.error)
-            bar.update()
-    bar.close()
-    # the failures first: a report that cannot be drawn must not lose them
-    if failures:
-        write_json(failures, out / "failures.json")
-    else:
-        (out / "failures.json").unlink(missing_ok=True)
-    summary = write_sweep_reports(out, spec, records)
+            (out / "failures.json").unlink(missing_ok=True)
+        summary = write_sweep_reports(out, spec, records)
     if failures:
         missing = len(runs) - len(records)
         raise SweepFailed(f"{len(failures)} of {len(tasks)} runs failed (see "
@@ -199,6 +204,10 @@ def sweep_records(out: Path, spec: SweepSpec) -> dict[tuple, RunRecord]:
 
 
 def report(out: Path) -> pd.DataFrame:
-    """Redraw a sweep folder's tables and figures from what finished."""
+    """Redraw a sweep folder's tables and figures from what finished (importing the
+    modules the sweep imported, for their strategies)."""
+    import json
+
+    import_modules(json.loads((Path(out) / "config.json").read_text()).get("imports", []))
     spec = read_spec(out)
     return write_sweep_reports(out, spec, sweep_records(out, spec))
