@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     engines.add_argument("--partition", default=None,
                          help="slurm: the partition (default: the cluster's default)")
     engines.add_argument("--time-min", type=int, default=None, metavar="MINUTES",
-                         help="slurm: a job's time limit (default: 1440)")
+                         help="slurm: a job's time limit (default: the partition's limit "
+                              "or 1440, whichever is shorter)")
     engines.add_argument("--mem-gb", type=float, default=None,
                          help="slurm: a job's memory (default: the partition's)")
     add_run_flags(sweep)

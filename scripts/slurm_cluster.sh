@@ -13,10 +13,10 @@
 # each process's command line names DIR first) and waits for them to exit.
 #
 # Needs root and Debian's `slurm-wlm` and `munge` (apt-get install -y slurm-wlm munge). Built
-# for sandboxes without cgroups: proctrack/linuxproc, task/none, no accounting daemon, so the
-# real `sacct` fails; DIR/bin/sacct answers submitit's state queries from squeue instead.
-# Clients (sbatch, squeue, sinfo, scancel, submitit) need SLURM_CONF=DIR/slurm.conf, and
-# PATH=DIR/bin:$PATH for the sacct stand-in (both printed by `start`).
+# for sandboxes without cgroups: proctrack/linuxproc, task/none, no accounting daemon (so
+# `sacct` says accounting is disabled: the SLURM engine then reads job states from squeue).
+# Clients (sbatch, squeue, sinfo, scancel, submitit) need SLURM_CONF=DIR/slurm.conf (printed
+# by `start`).
 set -euo pipefail
 
 # Knobs, read by `start` when it writes a fresh slurm.conf:
@@ -157,7 +157,7 @@ ReturnToService=2
 MailProg=/bin/true
 InactiveLimit=0
 KillWait=2
-# squeue (and so DIR/bin/sacct) keeps finished jobs this long.
+# squeue keeps finished jobs this long (the engine reads their end from it).
 MinJobAge=3600
 SlurmctldTimeout=30
 SlurmdTimeout=60
@@ -166,55 +166,6 @@ ${gres:+GresTypes=gpu}
 NodeName=$host NodeAddr=127.0.0.1 $topo RealMemory=$mem$gres State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=$MAX_TIME State=UP
 EOF
-}
-
-# DIR/bin/sacct: answers the sacct calls of submitit (-o FIELDS --parsable2 -j ID...) from
-# squeue, which keeps finished jobs for MinJobAge; anything else goes to the real sacct (which
-# says accounting is disabled). Without it submitit never sees a job end that wrote no result
-# (scancel, a kill, a timeout): its state stays UNKNOWN and job.result() waits forever.
-write_sacct_shim() {
-    local real
-    real=$(command -v sacct 2>/dev/null) || real=/usr/bin/sacct
-    mkdir -p "$DIR/bin"
-    cat >"$DIR/bin/sacct.tmp" <<EOF
-#!/usr/bin/env bash
-# Written by scripts/slurm_cluster.sh: sacct from squeue, for a cluster without slurmdbd.
-real=$real
-EOF
-    cat >>"$DIR/bin/sacct.tmp" <<'EOF'
-fmt= jobs= sep= header=1 trail=
-args=("$@")
-while (($#)); do
-    case $1 in
-        -o | --format) fmt=$2; shift ;;
-        --format=*) fmt=${1#*=} ;;
-        -j | --jobs) jobs+=${jobs:+,}$2; shift ;;
-        --jobs=*) jobs+=${jobs:+,}${1#*=} ;;
-        -P | --parsable2) sep='|' ;;
-        -p | --parsable) sep='|' trail='|' ;;
-        -n | --noheader) header= ;;
-        -X | --allocations) ;;
-        *) exec "$real" "${args[@]}" ;;
-    esac
-    shift
-done
-[[ -n $fmt && -n $jobs && -n $sep ]] || exec "$real" "${args[@]}"
-spec=
-IFS=, read -ra fields <<<"$fmt"
-for f in "${fields[@]}"; do
-    case ${f,,} in
-        jobid) c=%i ;; jobidraw) c=%A ;; jobname) c=%j ;; state) c=%T ;; nodelist) c=%N ;;
-        partition) c=%P ;; user) c=%u ;; elapsed) c=%M ;; start) c=%S ;; end) c=%e ;;
-        submit) c=%V ;; reason) c=%r ;; alloccpus) c=%C ;; reqmem) c=%m ;; timelimit) c=%l ;;
-        *) exec "$real" "${args[@]}" ;;
-    esac
-    spec+=${spec:+|}$c
-done
-if [[ -n $header ]]; then (IFS='|'; echo "${fields[*]}$trail"); fi
-squeue -h -r -t all -j "$jobs" -o "$spec$trail" 2>/dev/null || true
-EOF
-    chmod 755 "$DIR/bin/sacct.tmp"
-    mv -f "$DIR/bin/sacct.tmp" "$DIR/bin/sacct"
 }
 
 start_munged() {
@@ -268,7 +219,6 @@ cmd_start() {
     chmod a+x "$DIR"  # munged (as user munge) must reach DIR/munge; nothing else is opened
     lock
 
-    write_sacct_shim
     [[ -n $(pid_of munged) ]] || start_munged
     local clear=()
     if [[ -n $(pid_of slurmctld) || -n $(pid_of slurmd) ]]; then
@@ -305,8 +255,6 @@ cmd_start() {
     esac
     log "node $host is $state (slurmctld $(pid_of slurmctld), slurmd $(pid_of slurmd)," \
         "munged $(pid_of munged))"
-    # shellcheck disable=SC2016  # $PATH is for the shell that evals this
-    echo "export PATH=\"$DIR/bin:\$PATH\"  # optional: sacct from squeue (see write_sacct_shim)"
     echo "export SLURM_CONF=$CONF"
 }
 

@@ -1,7 +1,7 @@
 """A throwaway one-node SLURM cluster on localhost, for tests (wraps scripts/slurm_cluster.sh).
 
     reason = available()          # None, or what is missing
-    env = start(Path(tmp))        # {"SLURM_CONF": ..., "PATH": ...}: set them for sbatch & co.
+    env = start(Path(tmp))        # {"SLURM_CONF": ...}: set it for sbatch & co.
     ...
     stop(Path(tmp))
 
@@ -44,23 +44,16 @@ def _run(command: str, dir: Path, timeout: float) -> str:
     return proc.stdout
 
 
-def start(dir: Path, sacct_shim: bool = True, timeout: float = 90.0) -> dict[str, str]:
+def start(dir: Path, timeout: float = 90.0) -> dict[str, str]:
     """Start (or keep) the cluster in ``dir``; return the environment its clients need.
-
-    With ``sacct_shim``, PATH starts with ``dir/bin``, whose ``sacct`` answers submitit from
-    ``squeue``: without it (no slurmdbd) submitit reads every state as UNKNOWN and never sees
-    the end of a job that wrote no result (scancel, timeout, kill), so ``result()`` hangs.
-    """
+    It keeps no accounting (no slurmdbd): ``sacct`` answers that accounting is disabled,
+    as on a cluster without it, and the SLURM engine reads job states from squeue."""
     out = _run("start", dir, timeout)
     last = out.strip().splitlines()[-1] if out.strip() else ""
     prefix = "export SLURM_CONF="
     if not last.startswith(prefix):
         raise RuntimeError(f"slurm_cluster.sh start printed no SLURM_CONF: {out!r}")
-    conf = last[len(prefix) :]
-    env = {"SLURM_CONF": conf}
-    if sacct_shim:
-        env["PATH"] = f"{Path(conf).parent / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    return env
+    return {"SLURM_CONF": last[len(prefix) :]}
 
 
 def stop(dir: Path, timeout: float = 90.0) -> None:

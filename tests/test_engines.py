@@ -78,7 +78,7 @@ def slurm_cluster():
     folder = Path(tempfile.mkdtemp(prefix="kvb-slurm-", dir="/tmp"))
     os.environ["SLURM_CLUSTER_MAX_TIME"] = "600"  # the partition's MaxTime, in minutes
     try:
-        env = cluster.start(folder, sacct_shim=False)  # the real sacct: no accounting here
+        env = cluster.start(folder)
     finally:
         del os.environ["SLURM_CLUSTER_MAX_TIME"]
     saved = {k: os.environ.get(k) for k in env}

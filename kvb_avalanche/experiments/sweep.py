@@ -98,11 +98,11 @@ def run_sweep(spec: SweepSpec, out: Path, options: RunOptions | None = None, *,
     for store in stores.values():
         store.check()
     bench = Workbench(options, keys_dir=sweep_store.checkpoints / "keys")
-    for _, config in points:  # every data set embedded (or found cached) before a file is written
-        bench.data(config)
     runner: Engine = cls(engine_options, options, out, bench)
     runner.open()  # the cluster can run what is asked, or ConfigError: nothing written yet
     try:
+        for _, config in points:  # every data set embedded (or found cached) before a file
+            bench.data(config)  # is written
         # the imports are read back by `kvb-avalanche report DIR` (their strategies)
         sweep_store.open({"kind": "sweep", "versions": versions(), "engine": engine,
                           "imports": list(engine_options.imports),
