@@ -43,8 +43,9 @@ CHAOS = {"experiment": "split_cifar10", "preset": "quick", "parameters": {
     **TINY, "codebooks": {"values": [8, 16]}, "epochs": {"value": 2},
     "strategy": {"values": ["kvb", "linear_probe"]}}}
 FAILING = {"experiment": "split_cifar10", "preset": "quick", "parameters": {
-    **TINY, "epochs": {"value": 2},
-    "strategy": {"values": ["linear_probe", "fails_once", "always_fails"]}}}
+    **TINY, "epochs": {"value": 2}, "codebooks": {"value": 8},
+    "strategy": {"values": ["linear_probe", "fails_once", "always_fails", "kvb",
+                            "kvb_fails_once"]}}}
 
 
 def write_spec(path: Path, spec: dict) -> Path:
@@ -145,7 +146,7 @@ def test_every_engine_gives_the_tables_of_the_local_one(name, request, local_par
 def plugins():
     """The user's strategy module, imported by the command (--import), forgotten after."""
     yield "sweep_plugins"
-    for name in ("fails_once", "always_fails"):
+    for name in ("fails_once", "always_fails", "kvb_fails_once"):
         STRATEGIES._specs.pop(name, None)  # noqa: SLF001
     sys.modules.pop("sweep_plugins", None)
 
@@ -158,7 +159,7 @@ def test_a_failing_run_is_reported_the_others_go_on_and_a_flaky_one_is_retried(
               engine, "--import", plugins, "--retries", "1")
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert "1 of 3 runs failed" in err and "1 of 3 table rows are missing" in err
+    assert "1 of 5 runs failed" in err and "1 of 5 table rows are missing" in err
     failures = json.loads((out / "failures.json").read_text())
     assert list(failures) == ["base/always_fails/0"]
     failure = failures["base/always_fails/0"]
@@ -166,16 +167,18 @@ def test_a_failing_run_is_reported_the_others_go_on_and_a_flaky_one_is_retried(
     assert failure["attempts"] == 2  # the first try and its one retry
     assert any("always_fails: about to break" in line for line in failure["log_tail"])
     assert any("RuntimeError: always_fails breaks" in line for line in failure["log_tail"])
-    # the flaky run failed once, then ran; the probe ran: both stored, both in the table
+    # the flaky runs failed once, then ran (a baseline, and one on the seed's shared keys);
+    # the others ran: all stored, all in the table
     assert sorted(p.name for p in out.glob("points/base/runs/*.json")) == [
-        "fails_once-seed0.json", "linear_probe-seed0.json"]
-    summary = pd.read_csv(out / "summary.csv")
-    assert sorted(summary.strategy) == ["fails_once", "linear_probe"]
-    # the same head, seed and data: the retried run is the probe's run, bit for bit
-    assert summary.final_accuracy.nunique() == 1
+        "fails_once-seed0.json", "kvb-seed0.json", "kvb_fails_once-seed0.json",
+        "linear_probe-seed0.json"]
+    summary = pd.read_csv(out / "summary.csv").set_index("strategy")
+    # the same model, seed, data and keys: a retried run is its twin's run, bit for bit
+    assert summary.final_accuracy["fails_once"] == summary.final_accuracy["linear_probe"]
+    assert summary.final_accuracy["kvb_fails_once"] == summary.final_accuracy["kvb"]
     # the report command redraws the partial folder
     cli(["report", str(out)])
-    assert len(pd.read_csv(out / "summary.csv")) == 2
+    assert len(pd.read_csv(out / "summary.csv")) == 4
 
 
 def _refused(capsys, out: Path, *argv: str) -> str:
