@@ -211,3 +211,33 @@ def test_a_bad_spec_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_partial_grid_draws_where_a_point_holds_only_baseline_runs(tmp_path):
+    # a grid whose KVB run failed at one point: that point has baseline records only, so
+    # its KVB columns are all missing; the tables and both figures still come out
+    from kvb_avalanche.experiments.records import MatrixRow, RunRecord
+    from kvb_avalanche.experiments.spec import parse_spec, point_name
+    from kvb_avalanche.experiments.sweep_reports import write_sweep_reports
+
+    spec = parse_spec({"parameters": {"codebooks": {"values": [8, 16]},
+                                      "strategy": {"values": ["kvb", "linear_probe"]},
+                                      "seed": {"values": [0]}}})
+
+    def record(strategy: str, accuracy: float) -> RunRecord:
+        matrix = [MatrixRow(strategy, 0, t, j, accuracy if j <= t else 0.0)
+                  for t in range(5) for j in range(5)]
+        extra = ({"kvb_diagnostics": [{"experience": 4, "keys_in_use_stream": 0.5,
+                                       "value_scale_mean": 0.01, "train_loss": 2.3}],
+                  "key_fit": {"seconds": 1.0}} if strategy == "kvb" else {})
+        return RunRecord(strategy, 0, 1.0, matrix, extra=extra)
+
+    first, second = (point_name(p) for p, _ in spec.points())
+    records = {(first, "kvb", 0): record("kvb", 0.5),
+               (first, "linear_probe", 0): record("linear_probe", 0.3),
+               (second, "linear_probe", 0): record("linear_probe", 0.3)}
+    summary = write_sweep_reports(tmp_path, spec, records)
+    assert len(summary) == 3 and summary.keys_in_use.dtype == float
+    assert summary.keys_in_use.isna().sum() == 2  # the probes' rows
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep_diagnostics.png").stat().st_size > 10_000
