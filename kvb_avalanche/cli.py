@@ -25,12 +25,12 @@ from typing import Any, Literal
 from kvb_avalanche.benchmarks.cifar import DataError
 from kvb_avalanche.experiments.config import (
     BENCHMARK_DEFAULTS,
-    QUICK,
     BaseConfig,
     ConfigError,
     ExperimentConfig,
     ToyConfig,
     flag,
+    quick,
 )
 from kvb_avalanche.experiments.runner import RunOptions
 
@@ -126,14 +126,17 @@ def check_out(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
+def split_config(args: argparse.Namespace, benchmark: str) -> ExperimentConfig:
+    """The benchmark's defaults, then ``--quick``'s values, then the flags given."""
+    base = {"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
+            **(quick(benchmark) if args.quick else {})}
+    return config_from(args, ExperimentConfig, base)
+
+
 def _split(args: argparse.Namespace, benchmark: str) -> Any:
     from kvb_avalanche.experiments.runner import run_experiment
 
-    base = {"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
-            **(QUICK if args.quick else {})}
-    if args.quick and benchmark == "split_cifar100":
-        base["n_experiences"] = 10  # 100 images a class: 10 experiences of 10 classes
-    config = config_from(args, ExperimentConfig, base)
+    config = split_config(args, benchmark)
     check_out(args.out)
     table = run_experiment(config, args.out, options_from(args))
     _print_tables(table, args.out / "expectations.csv")

@@ -190,6 +190,31 @@ def test_a_package_registers_strategies_through_the_entry_point_group(tmp_path, 
            "load, its strategies are missing: ModuleNotFoundError" in caplog.text
 
 
+def test_registering_a_strategy_leaves_the_default_configuration_alone(monkeypatch):
+    # else every result stored before a package was installed would be refused as "another
+    # configuration" (its default strategies would differ)
+    before = ExperimentConfig()
+    spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
+    monkeypatch.setitem(STRATEGIES._specs, "mine", spec)
+    assert ExperimentConfig().strategies == before.strategies and "mine" in STRATEGIES
+    assert ExperimentConfig().to_dict() == before.to_dict()
+
+
+def test_quick_is_the_same_preset_for_an_experiment_and_a_sweep():
+    from kvb_avalanche.cli import build_parser, split_config
+    from kvb_avalanche.experiments.config import quick
+    from kvb_avalanche.experiments.spec import parse_spec
+
+    for benchmark in ("split_cifar10", "split_cifar100"):
+        args = build_parser().parse_args([benchmark.replace("_", "-"), "--out", "x", "--quick"])
+        cli_config = split_config(args, benchmark)
+        spec = parse_spec({"experiment": benchmark, "preset": "quick",
+                           "parameters": {"seeds": {"values": list(cli_config.seeds)}}})
+        (_, sweep_config), = spec.points()
+        assert sweep_config == cli_config, benchmark
+    assert quick("split_cifar100")["n_experiences"] == 10
+
+
 def test_a_registered_strategy_is_a_valid_configuration_value(monkeypatch):
     spec = StrategySpec("mine", lambda ctx: None, joint=False, uses_bottleneck=False)
     monkeypatch.setitem(STRATEGIES._specs, "mine", spec)

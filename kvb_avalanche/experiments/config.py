@@ -154,9 +154,9 @@ def _known_strategies(config: BaseConfig, known: typing.Iterable[str]) -> None:
 
 
 def _cifar_strategies() -> tuple[str, ...]:
-    from kvb_avalanche.experiments.strategies import STRATEGIES
+    from kvb_avalanche.experiments.strategies import BUILTIN
 
-    return tuple(STRATEGIES)
+    return BUILTIN
 
 
 def _toy_strategies() -> tuple[str, ...]:
@@ -185,7 +185,8 @@ class ExperimentConfig(BaseConfig):
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe(
         "seeds, one run each", stage=Stage.NONE))
     strategies: tuple[str, ...] = field(default_factory=_cifar_strategies, metadata=describe(
-        "strategies to run (default: all registered)", metavar="NAME",
+        "strategies to run (default: the built-in ones; a registered one runs when named)",
+        metavar="NAME",
         registry="kvb_avalanche.experiments.strategies:STRATEGIES", stage=Stage.NONE))
     # data and encoder
     encoder: str = field(default="efficientnet_lite0", metadata=describe(
@@ -329,6 +330,14 @@ QUICK = dict(max_per_class=100, test_max_per_class=50, key_init_max_per_class=20
              codebooks=32, num_pairs=256, dim_keys=8, kvb_epochs=30, kvb_lr=10.0, epochs=20,
              batch_size=32, key_epochs=2, kmeans_samples=2000, buffer_size=50)
 """``--quick``: a one-minute end-to-end run on 100 images a class (tests, a first look)."""
+QUICK_BENCHMARK: dict[str, dict[str, Any]] = {
+    "split_cifar100": {"n_experiences": 10},  # 100 images a class: 10 experiences of 10
+}
+
+
+def quick(benchmark: str) -> dict[str, Any]:
+    """The ``--quick`` values for ``benchmark``, the same for an experiment and a sweep."""
+    return {**QUICK, **QUICK_BENCHMARK.get(benchmark, {})}
 
 @dataclass(frozen=True)
 class ToyConfig(BaseConfig):

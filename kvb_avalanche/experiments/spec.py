@@ -26,14 +26,14 @@ from typing import Any
 
 from kvb_avalanche.experiments.config import (
     BENCHMARK_DEFAULTS,
-    QUICK,
     ConfigError,
     ExperimentConfig,
+    quick,
 )
-from kvb_avalanche.experiments.strategies import STRATEGIES
+from kvb_avalanche.experiments.strategies import BUILTIN
 
 EXPERIMENTS = ("split_cifar10", "split_cifar100")
-PRESETS = {"quick": QUICK}
+PRESETS = {"quick": quick}  # preset -> its values for an experiment
 SEED_KEYS, STRATEGY_KEYS = ("seed", "seeds"), ("strategy", "strategies")
 
 
@@ -71,7 +71,8 @@ class SweepSpec:
         out = [{}]
         for name, values in self.grid.items():
             out = [{**p, name: v} for p in out for v in values]
-        base = {**BENCHMARK_DEFAULTS[self.experiment], **PRESETS.get(self.preset or "", {}),
+        preset = PRESETS[self.preset](self.experiment) if self.preset else {}
+        base = {**BENCHMARK_DEFAULTS[self.experiment], **preset,
                 **self.fixed,
                 "benchmark": self.experiment, "seeds": list(self.seeds),
                 "strategies": list(self.strategies)}
@@ -135,7 +136,7 @@ def parse_spec(raw: Any, where: str = "spec") -> SweepSpec:
     fields = [f.name for f in dataclasses.fields(ExperimentConfig)]
     fixed, grid = {}, {}
     seeds: tuple[int, ...] = ExperimentConfig.__dataclass_fields__["seeds"].default
-    strategies = tuple(STRATEGIES)
+    strategies = BUILTIN
     for name, entry in parameters.items():
         if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in (
                 "value", "values"):

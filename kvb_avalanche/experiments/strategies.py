@@ -204,6 +204,11 @@ STRATEGIES.register("kvb_joint", joint=True, uses_bottleneck=True,
                     reads=Stage.BOTTLENECK_RUNS)(_kvb)
 
 
+# the default strategies of a configuration: these, whatever else is registered, so that
+# registering one (or installing a package that does) leaves old results' defaults alone
+BUILTIN: tuple[str, ...] = tuple(STRATEGIES._specs)  # noqa: SLF001 (no entry points yet)
+
+
 # ---------------------------------------------------------------------------- the 2-D toy
 TOY = StrategyRegistry("2-D toy")
 
