@@ -140,6 +140,11 @@ def test_every_engine_gives_the_tables_of_the_local_one(name, request, local_par
     for a, b in zip(tables(local_parity), tables(tmp_path / "out"), strict=True):
         pd.testing.assert_frame_equal(a, b)
     assert len(list((tmp_path / "out").glob("points/*/logs/*/run.log"))) == 8 + 4
+    # runs on other machines: 'auto' was fixed once, for all of them (no GPU asked: cpu)
+    fixed = json.loads((tmp_path / "out" / "config.json").read_text())["config"]["fixed"]
+    assert fixed["device"] == "cpu"
+    local = json.loads((local_parity / "config.json").read_text())["config"]["fixed"]
+    assert "device" not in local  # one machine: 'auto' is what it has
 
 
 @pytest.fixture

@@ -175,6 +175,8 @@ def test_a_strategy_that_does_not_say_what_it_reads_is_never_shared_across_a_fie
     assert is_reference("kvb", "lr") and is_reference("linear_probe", "kvb_lr")
     with pytest.raises(ValueError, match="reads must name run stages"):
         registry.register("odd", reads=Stage.KEYS)
+    with pytest.raises(ValueError, match="uses the bottleneck: its reads must include"):
+        registry.register("keyless", uses_bottleneck=True, reads=Stage.BASELINE_RUNS)
 
 
 def test_an_engine_on_other_machines_fixes_the_device_auto_once_for_all_of_them():

@@ -193,6 +193,8 @@ def test_a_sweep_grows_more_values_over_its_folder_and_refuses_another_setting(
      "parameters.codebookz: unknown field (did you mean codebooks?)"),
     ({"parameters": {"codebooks": {"values": []}}},
      "parameters.codebooks.values must be a non-empty list"),
+    ({"parameters": {"codebooks": {"values": [16, 16]}}},
+     "parameters.codebooks.values lists a value twice: [16, 16]"),
     ({"parameters": {"codebooks": {"values": [16, "many"]}}},
      "parameters at codebooks=many: codebooks must be an integer, got 'many'"),
     ({"parameters": {"codebooks": {"values": [16, 0]}}},

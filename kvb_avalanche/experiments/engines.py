@@ -382,6 +382,10 @@ class RayEngine(Engine):
                 record = ray.get(ref)
             except ray.exceptions.RayError as e:  # the run's exception, or its worker died
                 cause = getattr(e, "cause", None) or e
+                kkey = key_identity(task.config, task.seed) if keys is not None else None
+                if kkey is not None and self._keys.get(kkey) is keys and keys not in self._fits:
+                    del self._keys[kkey]  # its object may be lost: a retry reads the keys
+                    # the driver stored (or, if their fit failed, fits them again)
                 yield Outcome(task, None, f"{type(cause).__name__}: {cause}"[:2000],
                               getattr(cause, "log_tail", []) or tail(task.log_path()))
             else:
@@ -438,8 +442,7 @@ class SlurmEngine(Engine):
         for module in self.options.imports:  # their code travels by value with the jobs
             cloudpickle.register_pickle_by_value(sys.modules[module])
         self.job_name = "kvb-sweep-" + _digest(str(self.out))
-        # a killed driver's jobs may still run: cancelled, their runs submitted again
-        self._cancel()
+        self._cancelled_leftovers = False
         self._jobs: dict[str, tuple[Any, RunTask | None]] = {}  # job id -> job, its run
         self._ended: dict[str, float] = {}  # job id -> when squeue first showed it ended
         self._refused: list[Outcome] = []  # runs sbatch refused: failures like any other
@@ -466,6 +469,9 @@ class SlurmEngine(Engine):
     def submit(self, tasks: Sequence[RunTask]) -> None:
         if not tasks:
             return
+        if not self._cancelled_leftovers:  # a killed driver's jobs may still run: cancelled,
+            self._cancel()  # their runs submitted again (after every check has passed)
+            self._cancelled_leftovers = True
         fits, seen = [], set()
         for task in tasks:  # keys not stored yet: one fit job per (keys, seed)
             if STRATEGIES[task.strategy].uses_bottleneck:
@@ -538,13 +544,18 @@ class SlurmEngine(Engine):
         if now - self._polled < 5.0 or not self._jobs:
             return {}
         self._polled = now
-        states = _squeue_states(list(self._jobs))
+        states = _squeue_states(self.job_name)
+        if states is None:  # squeue did not answer: ask again at the next poll
+            return {}
         out = {}
-        for job_id, state in states.items():
-            if job_id in self._jobs and state in ENDED:
-                first = self._ended.setdefault(job_id, now)
-                if now - first >= GRACE_S:
-                    out[job_id] = state
+        for job_id in self._jobs:
+            state = states.get(job_id, "GONE")  # no longer listed (past MinJobAge): ended
+            if state not in ENDED:
+                self._ended.pop(job_id, None)  # requeued, say: its grace starts anew
+                continue
+            first = self._ended.setdefault(job_id, now)
+            if now - first >= GRACE_S:
+                out[job_id] = state
         return out
 
     def close(self) -> None:
@@ -552,18 +563,20 @@ class SlurmEngine(Engine):
             self._cancel()
 
 
-# job states after which a job writes no more results
-ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-         "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"}
+# job states after which a job writes no more results (GONE: squeue lists it no more)
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "GONE", "NODE_FAIL",
+         "OUT_OF_MEMORY", "REVOKED", "TIMEOUT"}
 GRACE_S = 20.0  # a result file lands this long after its job's end, at most
 
 
-def _squeue_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """Job id (``123_4`` for array tasks) -> its state, from squeue, which lists ended jobs
-    for the cluster's MinJobAge: what the driver reads where sacct cannot answer."""
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(arrays)],
-                         capture_output=True, text=True)
+def _squeue_states(job_name: str) -> dict[str, str] | None:
+    """Job id (``123_4`` for array tasks, pending ones expanded) -> state of this user's jobs
+    named ``job_name``, from squeue, which lists ended jobs for the cluster's MinJobAge:
+    what the driver reads where sacct cannot answer. None if squeue failed."""
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "--me", "-n", job_name,
+                          "-o", "%i %T"], capture_output=True, text=True)
+    if out.returncode:
+        return None
     states = {}
     for line in out.stdout.splitlines():
         parts = line.split()
@@ -588,14 +601,14 @@ def _default_partition() -> str:
 
 
 def _minutes(limit: str) -> int | None:
-    """A SLURM time limit (``[days-]hours:minutes:seconds``, ``days-hours``,
+    """A SLURM time limit (``days-hours[:minutes[:seconds]]``, ``hours:minutes:seconds``,
     ``minutes:seconds``, ``minutes``) in whole minutes; None for ``infinite``."""
     if limit.lower() in ("infinite", "unlimited"):
         return None
     days, _, clock = limit.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
-    if days and len(parts) == 1:  # days-hours
-        parts = [parts[0], 0, 0]
+    if days:  # days-hours[:minutes[:seconds]]
+        parts = parts + [0] * (3 - len(parts))
     elif len(parts) == 1:  # minutes
         parts = [0, parts[0], 0]
     hours, minutes, seconds = [0] * (3 - len(parts)) + parts

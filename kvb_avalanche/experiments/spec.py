@@ -58,6 +58,9 @@ class SweepSpec:
         fixed, grid = dict(self.fixed), dict(self.grid)
         if "device" in grid:
             grid["device"] = [device if v == "auto" else v for v in grid["device"]]
+            if len(set(grid["device"])) < len(grid["device"]):
+                raise ConfigError("device", f"parameters.device: 'auto' is {device!r} on this "
+                                  f"engine, which the grid lists too: {self.grid['device']}")
         elif fixed.get("device", "auto") == "auto":
             fixed["device"] = device
         return dataclasses.replace(self, fixed=fixed, grid=grid)
@@ -163,6 +166,9 @@ def parse_spec(raw: Any, where: str = "spec") -> SweepSpec:
             raise ConfigError(str(name), f"parameters.{name}: unknown field{hint}; the fields "
                               f"of ExperimentConfig are {', '.join(f for f in fields)}")
         if kind == "values" and len(values) > 1:
+            if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+                raise ConfigError(str(name), f"parameters.{name}.values lists a value twice: "
+                                  f"{values!r}")
             grid[name] = values
         else:
             fixed[name] = values[0]

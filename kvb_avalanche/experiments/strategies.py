@@ -68,6 +68,16 @@ class StrategySpec:
     # grid points that agree on those fields. Unsaid, every run field: never shared wrongly
     reads: frozenset[Stage] = frozenset({Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS})
 
+    def __post_init__(self) -> None:
+        runs = {Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS}
+        if not self.reads or not self.reads <= runs:
+            raise ValueError(f"strategy {self.name!r}: reads must name run stages "
+                             f"(Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS or Stage.RUNS), got "
+                             f"{sorted(self.reads)}")
+        if self.uses_bottleneck and Stage.BOTTLENECK_RUNS not in self.reads:
+            raise ValueError(f"strategy {self.name!r} uses the bottleneck: its reads must "
+                             "include Stage.BOTTLENECK_RUNS (its runs depend on the keys)")
+
 
 class StrategyRegistry(Mapping[str, StrategySpec]):
     """Strategies by name, in registration order."""
@@ -102,9 +112,7 @@ class StrategyRegistry(Mapping[str, StrategySpec]):
         stages = {Stage(s) for s in ((reads,) if isinstance(reads, str) else reads)}
         if Stage.RUNS in stages:
             stages = (stages - {Stage.RUNS}) | {Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS}
-        if not stages or not stages <= {Stage.BOTTLENECK_RUNS, Stage.BASELINE_RUNS}:
-            raise ValueError(f"reads must name run stages (Stage.BOTTLENECK_RUNS, "
-                             f"Stage.BASELINE_RUNS or Stage.RUNS), got {reads!r}")
+        StrategySpec(name, lambda ctx: None, joint, uses_bottleneck, frozenset(stages))
 
         def add(build: Callable[[BuildContext], SupervisedTemplate]):
             if name in self._specs:

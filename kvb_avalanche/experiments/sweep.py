@@ -168,14 +168,22 @@ def _run_grid(spec: SweepSpec, out: Path, points: list, stores: dict[str, RunSto
                                                shared[task.name])
                 log.error("run %s failed: %s", task.name, outcome.error)
                 bar.update()
-    finally:  # also when the engine itself breaks: what finished is reported
+    except BaseException:  # the engine broke, or ^C: report what finished, then re-raise
         bar.close()
-        # the failures first: a report that cannot be drawn must not lose them
         if failures:
             write_json(failures, out / "failures.json")
-        else:
-            (out / "failures.json").unlink(missing_ok=True)
-        summary = write_sweep_reports(out, spec, records)
+        try:
+            write_sweep_reports(out, spec, records)
+        except Exception:  # noqa: BLE001 (the error on its way out is the one to see)
+            log.exception("sweep %s: the reports of the finished runs could not be drawn", out)
+        raise
+    bar.close()
+    # the failures first: a report that cannot be drawn must not lose them
+    if failures:
+        write_json(failures, out / "failures.json")
+    else:
+        (out / "failures.json").unlink(missing_ok=True)
+    summary = write_sweep_reports(out, spec, records)
     if failures:
         missing = len(runs) - len(records)
         raise SweepFailed(f"{len(failures)} of {len(tasks)} runs failed (see "
