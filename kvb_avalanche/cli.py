@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: %(default)s)")
     engines.add_argument("--import", dest="imports", action="append", default=[],
                          metavar="MODULE",
-                         help="import MODULE first (it registers strategies); Ray and SLURM "
-                              "workers import it too (repeatable)")
+                         help="import MODULE first (it registers strategies); its code "
+                              "travels by value to Ray and SLURM workers (repeatable)")
     engines.add_argument("--address", default=None,
                          help="ray: the cluster to join ('auto', or host:port); default: "
                               "start a local one")

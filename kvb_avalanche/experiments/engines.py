@@ -293,8 +293,13 @@ class RayEngine(Engine):
 
         self._started = not ray.is_initialized()
         if self._started:
-            ray.init(address=self.options.address, include_dashboard=False,
-                     log_to_driver=False)
+            try:
+                ray.init(address=self.options.address, include_dashboard=False,
+                         log_to_driver=False)
+            except ConnectionError as e:
+                self._started = False
+                raise ConfigError("address", f"{{address}} {self.options.address}: no Ray "
+                                  f"cluster answers there ({e})") from e
         self.cpus = self.options.cpus_per_run if self.options.cpus_per_run is not None else 1
         self.gpus = self.options.gpus_per_run or 0
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
