@@ -162,7 +162,7 @@ def _sweep(args: argparse.Namespace) -> Any:
         retries=args.retries, address=args.address, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, partition=args.partition, time_min=args.time_min,
         mem_gb=args.mem_gb, imports=tuple(args.imports))
-    engine.check_options(engine_options)
+    engine.check_options(engine_options)  # the flags first, before the spec is read
     import_modules(engine_options.imports)  # their strategies are valid names in the spec
     spec = load_spec(args.spec)
     if args.quick:
