@@ -182,9 +182,6 @@ def child(case: str, impl: str, repeats: int) -> dict:
         record("key_update", lambda: official_ema_step(state, z, generator=g))
         return results
 
-    import kvb_avalanche_tv_compat
-
-    kvb_avalanche_tv_compat.install_hook()
     from kvb_avalanche.bottleneck import KeyValueBottleneck
     from kvb_avalanche.keys import KeyFitConfig, ema_step
 
@@ -278,9 +275,6 @@ def embedding_child(repeats: int, images: int = 512, resolution: int = 64) -> di
     import numpy as np
     import torch
 
-    import kvb_avalanche_tv_compat
-
-    kvb_avalanche_tv_compat.install_hook()
     from kvb_avalanche.encoders import build_encoder, embed_images, preprocess
 
     encoder = build_encoder("efficientnet_lite0")

@@ -1,8 +1,9 @@
 """Discrete Key-Value Bottleneck (Träuble et al., ICML 2023) for Avalanche."""
 
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 
-import kvb_avalanche_tv_compat as _tv_compat
+from kvb_avalanche import torchvision_compat as _tv_compat
 
 _tv_compat.install_hook()  # before anything imports torchvision (Avalanche does)
 
@@ -19,7 +20,13 @@ with warnings.catch_warnings():
     from kvb_avalanche.sparse import SparseSGD
     from kvb_avalanche.strategy import KVBStrategy
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("kvb-avalanche")  # one source: pyproject.toml's [project] version
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+if _tv_compat.applied() and not _tv_compat.armed_at_start():
+    warnings.warn(_tv_compat.advice(), RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "CodesLoader",

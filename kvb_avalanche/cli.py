@@ -4,6 +4,7 @@
     kvb-avalanche toy-2d --out OUT
     kvb-avalanche sweep SPEC.yaml --out DIR [--quick] [--engine local|ray|slurm] [--retries N]
     kvb-avalanche report DIR
+    kvb-avalanche doctor [--fix-torchvision]
 
 Every configuration field is a flag (``--field-name``); bad input stops with a message
 naming the flag and exit status 2 before anything is written.
@@ -33,6 +34,7 @@ from kvb_avalanche.experiments.config import (
     quick,
 )
 from kvb_avalanche.experiments.runner import RunOptions
+from kvb_avalanche.torchvision_compat import PTH_NAME
 
 log = logging.getLogger("kvb_avalanche")
 
@@ -208,6 +210,40 @@ def _report(args: argparse.Namespace) -> None:
     _print_tables(table, args.dir / "expectations.csv")
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    """Say whether torchvision works in this environment; with ``--fix-torchvision`` write
+    the start-up hook that makes it work. Status 1 while it is needed and not installed."""
+    from kvb_avalanche import torchvision_compat as compat
+
+    error = compat.extension_error()
+    lines = [f"python      {sys.version.split()[0]} ({sys.executable})"]
+    for name in ("torch", "torchvision", "avalanche-lib", "kvb-avalanche"):
+        lines.append(f"{name:<11} {_installed(name)}")
+    if error is None:
+        lines.append("torchvision's compiled extension loads: nothing to fix")
+    elif args.fix_torchvision:
+        path = compat.write_pth(args.site_packages)
+        lines.append(f"wrote {path}: every interpreter of this environment now declares "
+                     "torchvision's operators before torchvision is imported (delete the file "
+                     "to undo)")
+    elif compat.armed_at_start():
+        lines.append(f"torchvision's compiled extension cannot load ({error}); the start-up "
+                     f"hook {compat.PTH_NAME} is installed and serves")
+    else:
+        lines.append(compat.advice())
+    print("\n".join(lines))  # noqa: T201 (CLI output)
+    return int(error is not None and not args.fix_torchvision and not compat.armed_at_start())
+
+
+def _installed(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _print_tables(table: Any, checks: Path | None = None) -> None:
     """The command's output: the results table (and the claims checked)."""
     import pandas as pd
@@ -293,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="redraw the tables and figures of a results folder")
     report.add_argument("dir", type=Path, help="a folder an experiment or sweep wrote")
     report.set_defaults(func=_report, parser=report)
+
+    doctor = sub.add_parser("doctor", help="check this environment (torch, torchvision)",
+                            description="Check that torchvision's compiled extension loads "
+                                        "next to this torch, and fix it if asked.")
+    doctor.add_argument("--fix-torchvision", action="store_true",
+                        help=f"write {PTH_NAME} into site-packages: one line that declares "
+                             "torchvision's two operators at interpreter start where its "
+                             "extension cannot load (delete the file to undo)")
+    doctor.add_argument("--site-packages", type=Path, default=None, metavar="DIR",
+                        help="where --fix-torchvision writes (default: this environment's)")
+    doctor.set_defaults(func=_doctor, parser=doctor)
     return parser
 
 
@@ -320,8 +367,8 @@ def main(argv: list[str] | None = None) -> Any:
 
 def entry_point() -> None:
     """``kvb-avalanche`` (the console script)."""
-    main()
-    sys.exit(0)
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -316,28 +315,3 @@ def test_report_of_a_folder_without_runs_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["report", str(tmp_path)])
     assert exit_.value.code == 2 and "holds no config.json" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------- the wheel
-def test_the_wheel_holds_every_module_the_package_imports_and_no_repository_file(tmp_path):
-    """`pip install .` outside the repository gets a working package: every kvb_avalanche
-    module imported is in the wheel, and nothing in it imports the repository's scripts."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("kvb_avalanche-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"kvb_avalanche_tv_compat.py", "kvb_avalanche_tv_compat.pth"} <= names
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "kvb-avalanche = kvb_avalanche.cli:entry_point" in entry_points
-    for name in (n for n in names if n.endswith(".py")):
-        tree = ast.parse(zipfile.ZipFile(wheel).read(name))
-        for node in ast.walk(tree):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module] if isinstance(node, ast.ImportFrom) and node.module
-                       else [])
-            for module in modules:
-                assert not module.startswith(("benchmarks", "tests")), (name, module)
-                if module.startswith("kvb_avalanche"):
-                    path = module.replace(".", "/")
-                    assert f"{path}.py" in names or f"{path}/__init__.py" in names, (name, module)
