@@ -210,7 +210,7 @@ class KeyValueBottleneck(nn.Module):
         z = z.transpose(0, 1)  # (codebooks, batch, dim_keys)
         key_sq = self.keys.pow(2).sum(-1, keepdim=True).transpose(1, 2)  # (codebooks, 1, pairs)
         # Blocks of (codebooks x rows x num_pairs) float32 distances, at most chunk_bytes.
-        rows = min(batch, max(1, self.chunk_bytes // (4 * self.num_pairs)))
+        rows = max(1, min(batch, self.chunk_bytes // (4 * self.num_pairs)))  # batch may be 0
         step = max(1, self.chunk_bytes // (4 * rows * self.num_pairs))
         indices = torch.empty(self.codebooks, batch, topk, dtype=torch.long, device=z.device)
         distances = torch.empty(self.codebooks, batch, topk, dtype=z.dtype, device=z.device)

@@ -40,6 +40,7 @@ class LinearDecoder(nn.Module):
 
     def __init__(self, codebooks: int, dim_values: int, num_classes: int) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.linear = nn.Linear(codebooks * dim_values, num_classes)
 
     def forward(self, values: Tensor) -> Tensor:
@@ -55,6 +56,7 @@ class MLPDecoder(nn.Module):
 
     def __init__(self, codebooks: int, dim_values: int, num_classes: int, hidden: int = 256):
         super().__init__()
+        self.num_classes = num_classes
         self.inner = LinearDecoder(codebooks, dim_values, hidden)
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, num_classes))
 

@@ -185,14 +185,24 @@ def fit_keys(
         lloyd_start(bn, torch.cat(gathered)[: cfg.kmeans_samples], cfg.kmeans_iters, generator,
                     progress)
     bn.keys_initialized.fill_(True)
-    per_epoch, steps = [], 0
-    for _ in tqdm(range(cfg.epochs), desc="fitting keys (EMA k-means)", disable=not progress):
+    per_epoch, steps, samples = [], 0, 0
+    for epoch in tqdm(range(cfg.epochs), desc="fitting keys (EMA k-means)",
+                      disable=not progress):
         per_epoch.append(0)
         for batch in loader:
-            per_epoch[-1] += ema_step(bn, heads(batch), cfg, generator)
+            z = heads(batch)  # (batch, codebooks, dim_keys)
+            per_epoch[-1] += ema_step(bn, z, cfg, generator)
             steps += 1
+            samples += z.shape[0] if epoch == 0 else 0
     if steps == 0 and not cfg.kmeans_start:
         raise ValueError("the key-initialisation loader yielded no batch")
+    if steps and samples < bn.num_pairs:
+        log.warning(
+            "keys fitted on %d inputs, fewer than the %d keys of each codebook: at least %d "
+            "keys per codebook never had an input and stay where they started (an online "
+            "stream's first mini-experience, say). The paper fits the keys on separate "
+            "unlabelled data: pass key_init_loader (KVBPlugin, KVBStrategy).", samples,
+            bn.num_pairs, bn.num_pairs - samples)
     usage = (bn.ema_counts > 0).float().mean().item()
     stats = {"ema_steps": steps, "keys_replaced": sum(per_epoch),
              "keys_replaced_per_epoch": per_epoch, "keys_in_use": usage,

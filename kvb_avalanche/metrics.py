@@ -249,7 +249,8 @@ class KeyFitChurn(_KVBMetric):
 
     def __init__(self) -> None:
         super().__init__()
-        self._reported: int | None = None
+        self._reported: dict | None = None  # the fit reported (by value: a checkpoint
+        # restores an equal copy, which must not be reported again)
 
     def reset(self) -> None:
         self._last = None
@@ -257,9 +258,9 @@ class KeyFitChurn(_KVBMetric):
     def before_training_exp(self, strategy: Any) -> list[MetricValue] | None:
         bn = _bottleneck(strategy)
         stats = getattr(bn, "fit_stats", None)
-        if not stats or self._reported == id(stats):
+        if not stats or self._reported == stats:
             return None
-        self._reported = id(stats)
+        self._reported = dict(stats)
         return [self._emit(strategy, "KeysReplaced_KeyFit", float(n), x=epoch)
                 for epoch, n in enumerate(stats["keys_replaced_per_epoch"])]
 

@@ -39,6 +39,11 @@ class KVBModel(nn.Module):
         self.bottleneck = bottleneck
         self.decoder = decoder
 
+    @property
+    def num_classes(self) -> int | None:
+        """The decoder's number of classes (None for a decoder that does not say)."""
+        return getattr(self.decoder, "num_classes", None)
+
     def embed(self, x: Tensor) -> Tensor:
         """Inputs -> embeddings; no graph through a frozen encoder."""
         if self.encoder is None:

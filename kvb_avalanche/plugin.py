@@ -131,6 +131,12 @@ class KVBPlugin(SupervisedPlugin):
         if loader is None:
             if experience is None:
                 raise ValueError("prepare() needs key_init_loader or an experience to fit keys on")
+            if len(experience.dataset) == 0:
+                raise ValueError(
+                    f"experience {experience.current_experience} is empty: the keys are fitted "
+                    "on the first training experience's inputs when there is no "
+                    "key_init_loader; pass key_init_loader (unlabelled inputs) or a non-empty "
+                    "first experience")
             # its own generator: fitting keys draws nothing from the global RNG
             loader = DataLoader(experience.dataset, batch_size=self.batch_size, shuffle=False,
                                 collate_fn=getattr(experience.dataset, "collate_fn", None),

@@ -45,8 +45,13 @@ class KVBStrategy(SupervisedTemplate):
     and ``optimizer_step`` (every plugin hook fires; ``mb_output`` holds the logits and
     ``loss`` the loss). ``None`` (default) takes it when it applies and no plugin acts at
     ``before_backward`` / ``after_backward``; ``False`` never; ``True`` insists (an error
-    says why it cannot). A log line says which step runs. No ``.grad`` is filled: pass
-    ``fused=False`` to a plugin that reads gradients elsewhere.
+    says why it cannot). A log line says which step runs. No ``.grad`` is filled, and a
+    plugin that reads gradients at another hook is not detected: pass ``fused=False`` to it.
+
+    KVB is single-head: a stream with task labels other than 0 is refused unless
+    ``ignore_task_labels=True`` (one head over all classes, task labels unused). Targets
+    must be integer class indices below the decoder's ``num_classes``; both are checked
+    for each experience before anything trains, and for every batch.
     """
 
     def __init__(
@@ -70,11 +75,23 @@ class KVBStrategy(SupervisedTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         evaluator: EvaluationPlugin | None = None,
         eval_every: int = -1,
+        ignore_task_labels: bool = False,
         **base_kwargs,
     ) -> None:
         check_model(model, "KVBStrategy")
+        _positive_int(train_mb_size, "train_mb_size")
+        _positive_int(train_epochs, "train_epochs")
+        if eval_mb_size is not None:
+            _positive_int(eval_mb_size, "eval_mb_size")
+        if optimizer is None and not (isinstance(lr, int | float) and lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if not (isinstance(label_smoothing, int | float) and 0 <= label_smoothing < 1):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+        if optimizer is not None:
+            check_sparse_optimizer(optimizer, model)
+        self.ignore_task_labels = ignore_task_labels
         self.clip_grad_norm = clip_grad_norm
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
@@ -103,11 +120,33 @@ class KVBStrategy(SupervisedTemplate):
         """Avalanche's ``train``, with the keys fitted first on the first experience when
         there is no ``key_init_loader`` (so an initial periodic evaluation has keys)."""
         experiences = list(_experiences_parameter_as_iterable(experiences))
+        for experience in experiences:  # before any work: key fitting included
+            self._check_experience(experience)
         if experiences and not bool(self.model.bottleneck.keys_frozen):
             self.model.to(self.device)
             self.kvb.prepare(self.model, None if self.kvb.key_init_loader is not None
                              else experiences[0], self.device)
         return super().train(experiences, eval_streams, **kwargs)
+
+    def _check_experience(self, experience) -> None:
+        """Refuse task labels (unless ignored) and targets the decoder cannot score."""
+        if not len(experience.dataset):
+            return  # nothing to check (KVBPlugin names an empty experience it needs)
+        labels = getattr(experience.dataset, "targets_task_labels", None)
+        labels = labels.uniques if hasattr(labels, "uniques") else getattr(
+            experience, "task_labels", None)
+        tasks = sorted({int(t) for t in labels or [0]})
+        if tasks != [0] and not self.ignore_task_labels:
+            raise ValueError(
+                f"experience {experience.current_experience} has task labels {tasks}: "
+                "KVBStrategy is single-head and does not use them; pass "
+                "ignore_task_labels=True to train one head over all classes anyway")
+        targets = getattr(experience.dataset, "targets", None)
+        if targets is not None:
+            check_targets(torch.as_tensor(sorted(targets.uniques)
+                                          if hasattr(targets, "uniques") else list(targets)),
+                          self.model.num_classes,
+                          f"experience {experience.current_experience}'s targets")
 
     # ---------------------------------------------------------------- the training step
     def _before_training_exp(self, **kwargs) -> None:
@@ -131,6 +170,8 @@ class KVBStrategy(SupervisedTemplate):
         return super().forward()
 
     def criterion(self):
+        if self.is_training:
+            check_targets(self.mb_y, self.model.num_classes, "mb_y (the batch's targets)")
         if self._fusing():
             return self._fused_step.loss(self.mb_output, self.mb_y,
                                          self._criterion.label_smoothing)
@@ -156,10 +197,15 @@ class KVBStrategy(SupervisedTemplate):
 
 
 class CountingRegimeWarning(SupervisedPlugin):
-    """Says once per experience, through ``logging``, when training ended it in the counting
-    regime (:data:`kvb_avalanche.metrics.COUNTING_REGIME`): the softmax stayed near uniform
-    over the last epoch, so the values are per-key class counts. The first warning explains
-    it; later ones are a line each (a 50-experience stream would repeat the paragraph)."""
+    """Says once per run (per strategy), through ``logging``, when training ended an
+    experience in the counting regime (:data:`kvb_avalanche.metrics.COUNTING_REGIME`): the
+    softmax stayed near uniform over the last epoch, so the values are per-key class counts.
+    Later experiences in that regime are counted, not logged (an online stream has hundreds):
+    ``experiences`` of ``trained`` so far, and :meth:`summary` says it with the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experiences = self.trained = 0
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         self._sum, self._count = 0.0, 0
@@ -173,20 +219,61 @@ class CountingRegimeWarning(SupervisedPlugin):
             self._count += len(r)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        self.trained += 1
         if not (getattr(self, "_count", 0) and self._sum / self._count < COUNTING_REGIME):
             return
+        self.experiences += 1
         exp, value = strategy.experience.current_experience, self._sum / self._count
-        if getattr(self, "_explained", False):  # the why once; a line per experience after
-            log.warning("KVB ended experience %d in the counting regime too (regime %.2g < %g)",
-                        exp, value, COUNTING_REGIME)
+        if self.experiences > 1:
+            log.debug("KVB ended experience %d in the counting regime too (regime %.2g)",
+                      exp, value)
             return
-        self._explained = True
         log.warning(
             "KVB ended experience %d in the counting regime (regime %.2g < %g over its last "
             "epoch): the softmax stays near uniform, so each value holds its key's class "
             "counts and predictions are a vote of them; it cannot forget, nor learn beyond "
             "the counts. A larger lr, VotingDecoder(reduction='sum') or more epochs move "
-            "it out (kvb_avalanche.metrics).", exp, value, COUNTING_REGIME)
+            "it out (kvb_avalanche.metrics). Later experiences in this regime are counted, "
+            "not logged.", exp, value, COUNTING_REGIME)
+
+    def summary(self) -> str | None:
+        """One line with the count, or None if no experience ended in the regime."""
+        if not self.experiences:
+            return None
+        return (f"KVB ended {self.experiences} of {self.trained} training experiences in the "
+                f"counting regime (regime < {COUNTING_REGIME})")
+
+
+SPARSE_OPTIMIZERS = (SparseSGD, torch.optim.SGD, torch.optim.SparseAdam, torch.optim.Adagrad)
+
+
+def check_sparse_optimizer(optimizer: torch.optim.Optimizer, model: KVBModel) -> None:
+    """Refuse, at construction, a torch optimizer that cannot step on the sparse value
+    gradients of ``KeyValueBottleneck(sparse_grad=True)`` (it would fail at the first step)."""
+    if (model.bottleneck.sparse_grad and type(optimizer).__module__.startswith("torch.optim")
+            and not isinstance(optimizer, SPARSE_OPTIMIZERS)):
+        raise ValueError(
+            f"optimizer: {type(optimizer).__name__} cannot take the sparse value gradients of "
+            "KeyValueBottleneck(sparse_grad=True); use SparseSGD, torch.optim.SGD, SparseAdam "
+            "or Adagrad, or build the bottleneck with sparse_grad=False")
+
+
+def check_targets(targets: torch.Tensor, num_classes: int | None, name: str) -> None:
+    """Targets must be integer class indices in [0, num_classes) (num_classes None: >= 0)."""
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer class indices, got {targets.dtype} "
+                         f"(e.g. {targets.flatten()[:3].tolist()}); convert them with .long()")
+    if targets.numel() == 0:
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}) (the decoder's num_classes), "
+                         f"got {low} to {high}")
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @torch.no_grad()

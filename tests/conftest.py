@@ -84,3 +84,13 @@ def cifar_cache(tmp_path_factory):
     """One embedding and decoded-image cache for every test that reads ../shared/data, so
     each archive is decoded once per session."""
     return tmp_path_factory.mktemp("kvb-cache")
+
+
+def final_accuracy_by_hand(matrix) -> dict:
+    """(strategy, seed) -> mean accuracy over the test experiences after the last one
+    trained, from an accuracy matrix's rows (a DataFrame) without the reports' code."""
+    out = {}
+    for (strategy, seed), rows in matrix.groupby(["strategy", "seed"]):
+        last = rows[rows.trained_through == rows.trained_through.max()]
+        out[(strategy, int(seed))] = sum(last.accuracy) / len(last)
+    return out

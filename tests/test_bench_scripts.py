@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from benchmarks import bench_bottleneck, cached_step_breakdown, dead_units, gpu_check, kvb_epochs
+from kvb_avalanche.experiments import ExperimentConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,7 +40,7 @@ def test_kvb_epochs_quick_curve(tmp_path):
                      "--no-progress", "--cache-dir", str(tmp_path / "cache")])
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert len(curve) == 2 * 2 * 2  # (kvb, kvb_joint) x epochs x (masked or not)
-    assert curve.final_accuracy.between(0, 1).all()
+    assert (curve.final_accuracy > 0.15).all()  # ten classes: chance is 0.1
     # values only grow with training
     kvb = curve[(curve.strategy == "kvb") & ~curve.masked].set_index("epochs")
     assert kvb.mean_abs_value[2] > kvb.mean_abs_value[1] > 0
@@ -75,7 +76,10 @@ def test_dead_units_quick_writes_one_row_per_experience(tmp_path, cifar_cache):
                              "--cache-dir", str(cifar_cache)])
     pd.testing.assert_frame_equal(pd.read_csv(out), table)
     assert list(table.trained_through) == [0, 1, 2, 3, 4]
-    assert table.dead_fraction.between(0, 1).all() and (table.mean_active_units <= 128).all()
+    # a dead unit is never active, so an image has at most the live units active
+    hidden = ExperimentConfig.for_benchmark("split_cifar10").hidden
+    assert (table.mean_active_units <= (1 - table.dead_fraction) * hidden + 1e-9).all()
+    assert (table.mean_active_units > 0).all()
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
@@ -95,8 +99,8 @@ def test_gpu_check_dry_run_on_the_cpu_compares_both_runs(tmp_path, cifar_cache):
     assert set(report["final_accuracy_gap"].values()) == {0.0}
     assert report["min_cosine_device_vs_cpu_float32"] > 0.999
     for device in ("device", "cpu"):
-        summary = pd.read_csv(out / device / "summary.csv")
-        assert summary.final_accuracy.between(0, 1).all()
+        summary = pd.read_csv(out / device / "summary.csv").set_index("strategy")
+        assert summary.final_accuracy.to_dict() == pytest.approx(report["final_accuracy"]["cpu"])
 
 
 def test_gpu_check_random_weights_need_a_torchvision_encoder(tmp_path):

@@ -240,3 +240,10 @@ def test_fetching_bad_codes_is_refused_before_any_value_is_read(bad, message):
     assert int(bn.key_usage.sum()) == 0  # refused before anything was recorded
     bn.fetch(torch.full((2, 4, 1), 15))
     assert int(bn.key_usage.sum()) == 8
+
+
+def test_an_empty_batch_looks_up_to_empty_codes():
+    bn = KeyValueBottleneck(8, 4, 16, 2, 4)
+    bn.keys_initialized.fill_(True)
+    lookup = bn.lookup(torch.empty(0, 8))
+    assert lookup.indices.shape == (0, 4, 1) and lookup.indices.dtype == torch.long

@@ -21,7 +21,7 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
 )
 from avalanche.training.supervised import Naive
-from conftest import blob_embeddings, digits_benchmark, frozen_conv_encoder
+from conftest import blob_embeddings, digits_benchmark, final_accuracy_by_hand, frozen_conv_encoder
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -141,9 +141,11 @@ def test_replay_plugin_composes_with_the_code_cache(tensor_bench, image_bench, s
     assert accuracies(runs["kvb_replay"][0]) == accuracies(runs["kvb_replay_nocache"][0])
     # replay trains on more data in the second experience than plain KVB
     assert not torch.equal(runs["kvb_replay"][1], runs["kvb"][1])
-    summary = summarize(pd.DataFrame(map(asdict, runs["kvb"][0] + runs["kvb_replay"][0])))
+    matrix = pd.DataFrame(map(asdict, runs["kvb"][0] + runs["kvb_replay"][0]))
+    summary = summarize(matrix)
     logging.getLogger(__name__).info("KVB with and without replay (%s):\n%s", shape, summary)
-    assert summary.final_accuracy.between(0, 1).all()
+    assert summary.set_index(["strategy", "seed"]).final_accuracy.to_dict() == (
+        pytest.approx(final_accuracy_by_hand(matrix)))
 
 
 def test_memo_serves_rows_seen_before_and_looks_up_only_new_ones(tensor_bench):
@@ -394,3 +396,120 @@ def test_run_stream_saves_no_more_often_than_checkpoint_every(tensor_bench, tmp_
 def test_a_negative_checkpoint_interval_is_refused_by_name():
     with pytest.raises(ConfigError, match="checkpoint_every must be seconds >= 0, got -1"):
         RunOptions(checkpoint_every=-1)
+
+
+# ---------------------------------------------------------------------------- bad targets
+def stream_of(x, y, tasks=None):
+    """One-experience Avalanche stream over tensors (with optional task labels)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    data = _make_taskaware_tensor_classification_dataset(
+        x, y, task_labels=tasks if tasks is not None else 0)
+    return benchmark_from_datasets(train=[data], test=[data]).train_stream
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_labels_at_or_above_num_classes_are_refused_before_the_keys_are_fitted(fused):
+    x, y, _ = blob_embeddings(CLASSES + 1, 10, DIM, spread=0.3, seed=1)
+    strategy = kvb_strategy(fused=None if fused else False)
+    with pytest.raises(ValueError, match=r"experience 0's targets must lie in \[0, 4\) "
+                                         r"\(the decoder's num_classes\), got 0 to 4"):
+        strategy.train(stream_of(x, y)[0], eval_streams=[])
+    assert not bool(strategy.model.bottleneck.keys_initialized)  # refused before any work
+
+
+class ShiftTargets(SupervisedPlugin):
+    """Moves every training batch's targets out of range after the dataset check."""
+
+    def before_forward(self, strategy, **kwargs):
+        strategy.mbatch[1] = strategy.mbatch[1] + CLASSES
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_batch_with_out_of_range_targets_is_refused_on_either_step(tensor_bench, fused):
+    strategy = kvb_strategy(fused=fused, plugins=[ShiftTargets()])
+    with pytest.raises(ValueError, match=r"mb_y \(the batch's targets\) must lie in \[0, 4\)"):
+        strategy.train(tensor_bench.train_stream[0], eval_streams=[])
+
+
+def test_float_targets_are_refused_before_training_naming_the_fix():
+    x, y, _ = blob_embeddings(CLASSES, 10, DIM, spread=0.3, seed=1)
+    strategy = kvb_strategy()
+    with pytest.raises(ValueError, match=r"experience 0's targets must be integer class "
+                                         r"indices, got torch.float32 .*\.long\(\)"):
+        strategy.train(stream_of(x, y.float() + 0.5)[0], eval_streams=[])
+    assert not bool(strategy.model.bottleneck.keys_initialized)
+
+
+def test_task_labels_are_refused_unless_ignored_on_purpose():
+    x, y, _ = blob_embeddings(CLASSES, 10, DIM, spread=0.3, seed=1)
+    experience = stream_of(x, y, tasks=1)[0]
+    with pytest.raises(ValueError, match=r"experience 0 has task labels \[1\]: KVBStrategy is "
+                                         r"single-head.*ignore_task_labels=True"):
+        kvb_strategy().train(experience, eval_streams=[])
+    strategy = kvb_strategy(ignore_task_labels=True)
+    strategy.train(experience, eval_streams=[])
+    assert bool(strategy.model.bottleneck.keys_frozen)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(train_mb_size=0), "train_mb_size must be a positive integer, got 0"),
+    (dict(train_epochs=1.5), "train_epochs must be a positive integer, got 1.5"),
+    (dict(eval_mb_size=-1), "eval_mb_size must be a positive integer, got -1"),
+    (dict(lr=0), "lr must be a number > 0, got 0"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
+])
+def test_bad_sizes_and_rates_are_refused_at_construction_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kvb_strategy(**kwargs)
+
+
+def test_an_empty_first_experience_is_named_when_the_keys_need_it():
+    strategy = kvb_strategy()
+    empty = stream_of(torch.empty(0, DIM), torch.empty(0, dtype=torch.long))[0]
+    with pytest.raises(ValueError, match=r"experience 0 is empty: the keys are fitted on the "
+                                         r"first training experience.*key_init_loader"):
+        strategy.train(empty, eval_streams=[])
+
+
+def test_keys_fitted_on_fewer_inputs_than_keys_are_warned_about(caplog):
+    x, y, _ = blob_embeddings(CLASSES, 5, DIM, spread=0.3, seed=1)  # 20 inputs, 32 keys
+    with caplog.at_level(logging.WARNING, logger="kvb_avalanche.keys"):
+        kvb_strategy().train(stream_of(x, y)[0], eval_streams=[])
+    (said,) = [r.getMessage() for r in caplog.records if "fewer than" in r.getMessage()]
+    assert said.startswith("keys fitted on 20 inputs, fewer than the 32 keys of each codebook: "
+                           "at least 12 keys")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvb_avalanche.keys"):
+        x, y, _ = blob_embeddings(CLASSES, 10, DIM, spread=0.3, seed=1)  # 40 inputs
+        kvb_strategy().train(stream_of(x, y)[0], eval_streams=[])
+    assert not [r for r in caplog.records if "fewer than" in r.getMessage()]
+
+
+# ---------------------------------------------------------------------------- optimizers
+def test_an_optimizer_that_cannot_take_sparse_gradients_is_refused_naming_sparse_grad(
+        tensor_bench):
+    model = kvb_model()
+    assert model.bottleneck.sparse_grad is False
+    sparse = KVBModel(None, KeyValueBottleneck(DIM, 8, 32, 4, CLASSES, sparse_grad=True),
+                      VotingDecoder(CLASSES))
+    with pytest.raises(ValueError, match=r"optimizer: Adam cannot take the sparse value "
+                                         r"gradients of KeyValueBottleneck\(sparse_grad=True\)"):
+        KVBStrategy(model=sparse, optimizer=torch.optim.Adam([sparse.bottleneck.values]))
+    # what the message offers works: SparseAdam on the sparse values, Adam on dense ones
+    for m, optimizer in ((sparse, torch.optim.SparseAdam([sparse.bottleneck.values], lr=0.1)),
+                         (model, torch.optim.Adam([model.bottleneck.values], lr=0.1))):
+        strategy = KVBStrategy(model=m, optimizer=optimizer, train_mb_size=16,
+                               evaluator=make_evaluator())
+        before = m.bottleneck.values.detach().clone()
+        strategy.train(tensor_bench.train_stream[0], eval_streams=[])
+        assert strategy.training_step == "autograd"
+        assert not torch.equal(before, m.bottleneck.values)
+
+
+def test_a_frozen_encoder_with_parameters_keeps_the_fused_step(image_bench):
+    strategy = kvb_strategy("conv")
+    assert any(True for _ in strategy.model.encoder.parameters())
+    strategy.train(image_bench.train_stream[0], eval_streams=[])
+    assert strategy.training_step == "fused"

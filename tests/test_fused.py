@@ -153,10 +153,11 @@ def test_anything_else_takes_the_autograd_step_and_says_why(stream, caplog, chan
 
 def test_fused_true_refuses_what_it_cannot_do(stream):
     m = model()
-    strategy = KVBStrategy(model=m, fused=True, optimizer=torch.optim.Adam([m.bottleneck.values]),
+    strategy = KVBStrategy(model=m, fused=True,
+                           optimizer=torch.optim.Adagrad([m.bottleneck.values]),
                            evaluator=make_evaluator())
     with pytest.raises(ValueError, match="fused=True, but the fused step does not apply: the "
-                                         "optimizer is Adam"):
+                                         "optimizer is Adagrad"):
         strategy.train(stream.train_stream[0], eval_streams=[])
     with pytest.raises(ValueError, match="fused must be None"):
         KVBStrategy(model=m, fused="yes")

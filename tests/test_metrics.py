@@ -24,6 +24,7 @@ from kvb_avalanche.metrics import (
     kvb_metrics,
     regime,
 )
+from kvb_avalanche.strategy import CountingRegimeWarning
 
 
 def frozen_model(codebooks: int, pairs: int, classes: int, dim: int = 4) -> KVBModel:
@@ -129,11 +130,12 @@ def test_counting_regime_warning_fires_at_the_papers_settings_and_not_when_learn
     with caplog.at_level(logging.WARNING):
         counting = train(blob_model(), stream, [LearningRegime()], train_epochs=3)
     warnings = [r for r in caplog.records if "counting regime" in r.getMessage()]
-    assert len(warnings) == 2  # once per experience
+    assert len(warnings) == 1  # once per run, however many experiences
     assert "experience 0 in the counting regime" in warnings[0].getMessage()
-    assert "cannot forget" in warnings[0].getMessage()  # the why, once
-    assert "experience 1 in the counting regime too" in warnings[1].getMessage()
-    assert "cannot forget" not in warnings[1].getMessage()
+    assert "cannot forget" in warnings[0].getMessage()  # the why
+    (said,) = [p for p in counting.plugins if isinstance(p, CountingRegimeWarning)]
+    assert (said.experiences, said.trained) == (2, 2)
+    assert said.summary().startswith("KVB ended 2 of 2 training experiences in the counting")
     last = metric_values(counting, "Regime")["Regime_Epoch/train_phase/train_stream"][-1]
     assert last < COUNTING_REGIME
     caplog.clear()
@@ -179,3 +181,28 @@ def test_all_metrics_run_under_the_interactive_and_csv_loggers(tmp_path):
                  "KeysReplaced_KeyFit", "Top1_Acc_Stream"):
         assert name in logged
     assert (tmp_path / "csv" / "training_results.csv").exists()
+
+
+def test_key_fit_churn_reports_a_fit_once_even_after_a_checkpoint_round_trip(tmp_path):
+    """A resumed run restores equal copies of the metric and of the fit's stats: the key-fit
+    rows must not be logged a second time (they were, keyed by the stats' id)."""
+    from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
+    from kvb_avalanche.keys import KeyFitConfig
+
+    x, _, _ = blob_embeddings(4, 40, 8, spread=0.3, seed=1)
+    stream = blobs_stream()
+
+    def build():
+        model = KVBModel(None, KeyValueBottleneck(8, 4, 64, 2, 4), VotingDecoder(4))
+        return KVBStrategy(model=model, key_init_loader=list(x.split(2)),
+                           key_fit=KeyFitConfig(epochs=3, kmeans_start=False, seed=0),
+                           evaluator=EvaluationPlugin(KeyFitChurn(), loggers=[]))
+
+    first = build()
+    first.train(stream.train_stream[0], eval_streams=[])
+    save_checkpoint(first, tmp_path / "checkpoint.pt")
+    resumed = build()
+    assert maybe_load_checkpoint(resumed, tmp_path / "checkpoint.pt")[0] == 1
+    resumed.train(stream.train_stream[1], eval_streams=[])
+    churn = metric_values(resumed, "KeysReplaced")["KeysReplaced_KeyFit/train_phase/train_stream"]
+    assert len(churn) == 3  # the three EMA epochs of the one fit, not six

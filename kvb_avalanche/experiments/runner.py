@@ -57,6 +57,7 @@ from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.metrics import MetricsCSVLogger, kvb_metrics
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.plugin import FrozenCodesPlugin, KVBPlugin
+from kvb_avalanche.strategy import CountingRegimeWarning
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ def run_stream(
             save_checkpoint(strategy, checkpoint, extra={
                 "rows": rows, "train_seconds": train_seconds, "state": state or {}})
             last_save = time.monotonic()
+    for plugin in getattr(strategy, "plugins", []):  # a run's counting-regime count, once
+        if isinstance(plugin, CountingRegimeWarning) and (said := plugin.summary()):
+            log.warning("%s seed %d: %s", name, seed, said)
     return rows, train_seconds
 
 
