@@ -315,3 +315,39 @@ def test_report_of_a_folder_without_runs_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["report", str(tmp_path)])
     assert exit_.value.code == 2 and "holds no config.json" in capsys.readouterr().err
+
+
+def test_the_registry_docstring_example_trains_on_the_runners_sparse_bottleneck():
+    """The example in ``strategies``' docstring, run as written, on a bottleneck built as
+    the runner builds it (sparse value gradients, keys fitted and frozen)."""
+    import inspect
+    import textwrap
+
+    from avalanche.training.templates import SupervisedTemplate
+    from conftest import blob_embeddings
+
+    import kvb_avalanche
+    from kvb_avalanche.benchmarks import tensor_scenario
+    from kvb_avalanche.experiments import strategies
+    from kvb_avalanche.experiments.identity import Stage
+    from kvb_avalanche.experiments.runner import make_evaluator
+    from kvb_avalanche.experiments.strategies import BuildContext, StrategyRegistry
+
+    doc = inspect.getdoc(strategies)
+    example = textwrap.dedent(doc.split("entry-point group:\n\n", 1)[1].split("\n\n(")[0])
+    registry = StrategyRegistry("docstring")
+    exec(example, {"STRATEGIES": registry, "Stage": Stage, "BuildContext": BuildContext,  # noqa: S102
+                   "SupervisedTemplate": SupervisedTemplate, "torch": torch,
+                   "KVBModel": kvb_avalanche.KVBModel, "VotingDecoder": kvb_avalanche.VotingDecoder,
+                   "KVBStrategy": kvb_avalanche.KVBStrategy})
+    x, y, _ = blob_embeddings(4, 30, 16, spread=0.3, seed=1)
+    bottleneck = kvb_avalanche.KeyValueBottleneck(16, 8, 32, 4, 4, sparse_grad=True)
+    kvb_avalanche.fit_keys(bottleneck, [x], progress=False)
+    bottleneck.freeze_keys()
+    config = ExperimentConfig.for_benchmark("split_cifar10", batch_size=16)
+    strategy = registry["kvb_adam"].build(BuildContext(config, 0, 16, 4, make_evaluator(),
+                                                       bottleneck=bottleneck))
+    before = bottleneck.values.detach().clone()
+    strategy.train(tensor_scenario((x, y), (x, y), [0, 1, 2, 3], 2).train_stream[0],
+                   eval_streams=[])
+    assert not torch.equal(before, strategy.model.bottleneck.values)

@@ -8,8 +8,11 @@ MODULE`` (sweep workers import it too), or that an installed package names in th
     @STRATEGIES.register("kvb_adam", uses_bottleneck=True, reads=Stage.BOTTLENECK_RUNS)
     def kvb_adam(ctx: BuildContext) -> SupervisedTemplate:
         model = KVBModel(None, ctx.bottleneck, VotingDecoder(ctx.num_classes))
-        return KVBStrategy(model=model, optimizer=torch.optim.Adam([model.bottleneck.values]),
-                           **ctx.common())
+        # the runner's bottleneck has sparse value gradients: SparseAdam takes them
+        adam = torch.optim.SparseAdam([model.bottleneck.values], lr=0.01)
+        return KVBStrategy(model=model, optimizer=adam, **ctx.common())
+
+(tests/test_experiments.py runs this example.)
 """
 
 from __future__ import annotations
