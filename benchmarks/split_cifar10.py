@@ -8,8 +8,9 @@ full CIFAR-10 test set. KVB's keys are fitted without labels on CIFAR-100 embedd
         --data-root ../shared/data
 
 The same as ``kvb-avalanche split-cifar10``; ``--help`` lists every flag. Each finished
-(strategy, seed) is saved at once under OUT/runs/, a continual run is checkpointed after
-every experience; re-running the same command resumes. See README.md ("Reproducibility
+(strategy, seed) is saved at once under OUT/runs/; a continual run is checkpointed after
+an experience once 120 s have passed since its last checkpoint (``--checkpoint-every``; 0:
+after every experience); re-running the same command resumes. See README.md ("Reproducibility
 and resuming").
 """
 

@@ -28,6 +28,7 @@ import torch
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from torch import Tensor, nn
 
+from kvb_avalanche.avalanche_api import criterion_of
 from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.model import KVBModel
 from kvb_avalanche.sparse import SparseSGD, _span, _workers, numba, prange
@@ -140,7 +141,7 @@ def _own_hook(plugin: SupervisedPlugin, hook: str) -> bool:
 
 def why_not_fused(strategy: Any) -> str | None:
     """Why ``strategy``'s training step needs autograd, or None when the fused step applies."""
-    model, optimizer, criterion = strategy.model, strategy.optimizer, strategy._criterion
+    model, optimizer, criterion = strategy.model, strategy.optimizer, criterion_of(strategy)
     if numba is None:
         return "numba is not installed"
     if not isinstance(model, KVBModel) or not isinstance(model.decoder, VotingDecoder):

@@ -8,11 +8,11 @@ from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
-from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kvb_avalanche.avalanche_api import tensor_classification_dataset
 from kvb_avalanche.codes import (
     CodeMemo,
     CodesLoader,
@@ -257,7 +257,7 @@ class FrozenCodesPlugin(SupervisedPlugin):
             log.info("evaluation codes not cached: the data are not repeatable (%s)", random)
             return
         codes, targets, tasks = self._dataset_codes(model, dataset, strategy.device)
-        strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(
+        strategy.adapted_dataset = tensor_classification_dataset(
             codes, targets, targets=targets.tolist(), task_labels=tasks.tolist())
 
     # ------------------------------------------------------------------ the cache

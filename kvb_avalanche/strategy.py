@@ -9,9 +9,9 @@ import torch
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
-from avalanche.training.templates.base import _experiences_parameter_as_iterable
 from torch import nn
 
+from kvb_avalanche.avalanche_api import as_experiences, criterion_of
 from kvb_avalanche.fused import FusedVotingStep, why_not_fused
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.metrics import COUNTING_REGIME, regime
@@ -119,7 +119,7 @@ class KVBStrategy(SupervisedTemplate):
     def train(self, experiences, eval_streams=None, **kwargs):
         """Avalanche's ``train``, with the keys fitted first on the first experience when
         there is no ``key_init_loader`` (so an initial periodic evaluation has keys)."""
-        experiences = list(_experiences_parameter_as_iterable(experiences))
+        experiences = as_experiences(experiences)
         for experience in experiences:  # before any work: key fitting included
             self._check_experience(experience)
         if experiences and not bool(self.model.bottleneck.keys_frozen):
@@ -174,7 +174,7 @@ class KVBStrategy(SupervisedTemplate):
             check_targets(self.mb_y, self.model.num_classes, "mb_y (the batch's targets)")
         if self._fusing():
             return self._fused_step.loss(self.mb_output, self.mb_y,
-                                         self._criterion.label_smoothing)
+                                         criterion_of(self).label_smoothing)
         return super().criterion()
 
     def backward(self) -> None:

@@ -402,9 +402,10 @@ def test_a_negative_checkpoint_interval_is_refused_by_name():
 def stream_of(x, y, tasks=None):
     """One-experience Avalanche stream over tensors (with optional task labels)."""
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 
-    data = _make_taskaware_tensor_classification_dataset(
+    from kvb_avalanche.avalanche_api import tensor_classification_dataset
+
+    data = tensor_classification_dataset(
         x, y, task_labels=tasks if tasks is not None else 0)
     return benchmark_from_datasets(train=[data], test=[data]).train_stream
 

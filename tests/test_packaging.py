@@ -118,3 +118,15 @@ def test_the_dev_install_imports_avalanche_without_importing_the_package(tmp_pat
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False"]
+
+
+def test_the_private_avalanche_names_exist_and_a_missing_one_is_named():
+    from kvb_avalanche import avalanche_api
+
+    dataset = avalanche_api.tensor_classification_dataset(
+        __import__("torch").zeros(3, 2), [0, 1, 1], targets=[0, 1, 1], task_labels=[0, 0, 0])
+    assert len(dataset) == 3 and sorted(dataset.targets.uniques) == [0, 1]
+    with pytest.raises(AttributeError, match=r"SupervisedTemplate._criterion .* avalanche-lib "
+                                             r"0\.6\.\*, which the installed avalanche-lib "):
+        avalanche_api.criterion_of(object())
+    assert avalanche_api.as_experiences(x := object()) == [x]
