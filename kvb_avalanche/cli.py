@@ -189,7 +189,10 @@ def _report(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise ConfigError("dir", f"{{dir}} {args.dir} holds no config.json: not a results folder")
     record = json.loads(path.read_text())
-    kind = record.get("kind") or ("split_cifar" if "arguments" in record else None)
+    # folders of older versions say no "kind" and keep their flags under "arguments"
+    legacy = record.get("arguments", {})
+    kind = record.get("kind") or ("toy_2d" if "key_steps" in legacy
+                                  else "split_cifar" if legacy else None)
     if kind == "sweep":
         sweep.report(args.dir)
         return

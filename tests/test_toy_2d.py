@@ -37,3 +37,36 @@ def test_toy_kvb_keeps_all_classes_while_naive_forgets(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         toy_2d.main([*ARGS(out), "--lr", "0.01"])
     assert exit_.value.code == 2
+    # `report` redraws the toy's own tables (not the split CIFAR claims)
+    (out / "summary.csv").unlink()
+    from kvb_avalanche.cli import main as cli
+
+    cli(["report", str(out)])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv").set_index("strategy"),
+                                  summary)
+    assert not (out / "expectations.csv").exists()
+
+
+def test_a_folder_of_an_older_version_is_reported_as_the_toy_and_not_resumed(tmp_path, capsys):
+    """Before the experiment layer, config.json held the flags under "arguments"."""
+    import json
+    import shutil
+
+    from kvb_avalanche.cli import main as cli
+
+    out = tmp_path / "old"
+    args = ["--out", str(out), "--seeds", "0", "--steps", "20", "--key-steps", "20",
+            "--strategies", "kvb_20x20", "naive_mlp", "--no-progress"]
+    toy_2d.main(args)
+    config = json.loads((out / "config.json").read_text())["config"]
+    (out / "config.json").write_text(json.dumps({"arguments": config}))
+    for table in ("summary.csv", "accuracy_matrix.csv"):
+        shutil.move(out / table, tmp_path / table)
+    cli(["report", str(out)])
+    for table in ("summary.csv", "accuracy_matrix.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / table), pd.read_csv(tmp_path / table))
+    assert not (out / "expectations.csv").exists()
+    with pytest.raises(SystemExit) as exit_:
+        toy_2d.main(args)
+    assert exit_.value.code == 2
+    assert "written by an older kvb-avalanche" in capsys.readouterr().err

@@ -107,10 +107,16 @@ class RunStore:
         if self.overwrite or not config.exists():
             return
         try:
-            previous = json.loads(config.read_text()).get("config", {})
+            written = json.loads(config.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError("out", f"{{out}} {self.out}: its config.json is unreadable ({e}); "
                               "use another {out}, or {overwrite}", ["overwrite"]) from e
+        if "config" not in written:
+            raise ConfigError("out", f"{{out}} {self.out} holds results written by an older "
+                              "kvb-avalanche (its config.json has no 'config'), which cannot be "
+                              "resumed; use another {out}, or {overwrite} to discard them",
+                              ["overwrite"])
+        previous = written["config"]
         before, now = self.frame(previous), self.frame(self.identity)
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differ:
