@@ -181,7 +181,7 @@ def _sweep(args: argparse.Namespace) -> Any:
 
 def _report(args: argparse.Namespace) -> None:
     from kvb_avalanche.experiments import sweep
-    from kvb_avalanche.experiments.records import RunStore
+    from kvb_avalanche.experiments.records import RAW_ARCHIVE, RunStore, unpack_raw
     from kvb_avalanche.experiments.reports import write_split_reports, write_toy_reports
     from kvb_avalanche.experiments.strategies import STRATEGIES
 
@@ -189,6 +189,8 @@ def _report(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise ConfigError("dir", f"{{dir}} {args.dir} holds no config.json: not a results folder")
     record = json.loads(path.read_text())
+    if unpack_raw(args.dir):  # committed results keep their run records packed
+        log.info("unpacked %s into %s", RAW_ARCHIVE, args.dir)
     # folders of older versions say no "kind" and keep their flags under "arguments"
     legacy = record.get("arguments", {})
     kind = record.get("kind") or ("toy_2d" if "key_steps" in legacy

@@ -299,11 +299,13 @@ def test_split_cifar10_embedded_is_an_avalanche_benchmark_with_key_init_data(tmp
 
 
 # ---------------------------------------------------------------------------- reports
-def test_report_redraws_the_committed_split_cifar10_tables_from_its_runs(tmp_path):
+def test_report_redraws_the_committed_split_cifar10_tables_from_its_packed_runs(tmp_path):
     committed = REPO / "results" / "split_cifar10"
-    shutil.copytree(committed / "runs", tmp_path / "runs")
+    assert not (committed / "runs").exists()  # committed results keep them packed
+    shutil.copy(committed / "raw.tar.xz", tmp_path / "raw.tar.xz")
     shutil.copy(committed / "config.json", tmp_path / "config.json")
     cli(["report", str(tmp_path)])
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 27  # 9 strategies x 3 seeds
     for table in ("summary.csv", "accuracy_matrix.csv", "key_sharing.csv", "expectations.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / table),
                                       pd.read_csv(committed / table), check_exact=False,
@@ -351,3 +353,21 @@ def test_the_registry_docstring_example_trains_on_the_runners_sparse_bottleneck(
     strategy.train(tensor_scenario((x, y), (x, y), [0, 1, 2, 3], 2).train_stream[0],
                    eval_streams=[])
     assert not torch.equal(before, strategy.model.bottleneck.values)
+
+
+def test_packing_a_results_folder_keeps_its_tables_and_unpacks_to_the_same_files(tmp_path):
+    from kvb_avalanche.experiments.records import RAW_ARCHIVE, pack_raw, unpack_raw
+
+    folder = tmp_path / "exp"
+    for name, text in {"runs/kvb-seed0.json": '{"a": 1}', "logs/kvb-seed0/metrics.csv": "x\n1\n",
+                       "points/p=1/runs/naive-seed0.json": "{}", "summary.csv": "s\n"}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert pack_raw(folder) == folder / RAW_ARCHIVE
+    assert sorted(p.name for p in folder.iterdir()) == [RAW_ARCHIVE, "summary.csv"]
+    assert pack_raw(folder) is None  # nothing left to pack
+    assert unpack_raw(folder) and not unpack_raw(folder)  # only where the folders are gone
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+             if p.is_file() and p.name != RAW_ARCHIVE}
+    assert after == before

@@ -165,3 +165,46 @@ class RunStore:
             strategy, _, seed = path.stem.rpartition("-seed")
             out.append(RunRecord.from_json(json.loads(path.read_text()), strategy, int(seed)))
         return out
+
+
+# ---------------------------------------------------------------------------- raw archives
+RAW_ARCHIVE = "raw.tar.xz"
+RAW_DIRS = ("runs", "logs", "points")  # what a results folder holds beside its tables
+
+
+def pack_raw(folder: Path) -> Path | None:
+    """Pack ``folder``'s run records and logs (:data:`RAW_DIRS`) into one compressed
+    :data:`RAW_ARCHIVE` and remove them (committed results keep the tables, figures and
+    this one file: 19 MB of JSON and CSV become 0.3 MB). None if there was nothing."""
+    import shutil
+    import tarfile
+
+    folder = Path(folder)
+    present = [d for d in RAW_DIRS if (folder / d).is_dir()]
+    if not present:
+        return None
+    archive = folder / RAW_ARCHIVE
+
+    def pack(tmp: Path) -> None:
+        with tarfile.open(tmp, "w:xz") as tar:
+            for d in present:
+                tar.add(folder / d, arcname=d)
+
+    atomic_write(archive, pack)
+    for d in present:
+        shutil.rmtree(folder / d)
+    return archive
+
+
+def unpack_raw(folder: Path) -> bool:
+    """Unpack ``folder``'s :data:`RAW_ARCHIVE` where none of its raw folders is there (so
+    ``report`` can redraw committed results). True if it did."""
+    import tarfile
+
+    folder = Path(folder)
+    archive = folder / RAW_ARCHIVE
+    if not archive.is_file() or any((folder / d).exists() for d in RAW_DIRS):
+        return False
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")  # no paths outside the folder, no devices
+    return True
