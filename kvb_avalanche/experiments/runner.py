@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import logging
+import random
 import shutil
 import subprocess
 import time
@@ -24,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import BaseLogger, CSVLogger, InteractiveLogger
@@ -157,6 +159,16 @@ def run_stream(
         if isinstance(plugin, CountingRegimeWarning) and (said := plugin.summary()):
             log.warning("%s seed %d: %s", name, seed, said)
     return rows, train_seconds
+
+
+def seed_run(seed: int) -> None:
+    """Seed every global generator a run may draw from (torch on every device, numpy,
+    Python's ``random``), so that a run's numbers depend on its seed alone, not on what
+    ran before it in the process (Avalanche's benchmarks and strategies draw from all three;
+    seeding torch alone left numpy and ``random`` where the previous run left them)."""
+    torch.manual_seed(seed)  # the CPU generator and every CUDA device's
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 # ---------------------------------------------------------------------------- split CIFAR
@@ -317,7 +329,7 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     stream = tensor_scenario(data.train, data.test, order, config.n_experiences)
     checkpoint = store.checkpoint(strategy_name, seed) if store and not spec.joint else None
     resuming = checkpoint is not None and checkpoint.exists()
-    torch.manual_seed(seed)
+    seed_run(seed)
     # a resumed strategy gets its loggers back from the checkpoint, their files reopened
     # where they were: new ones would start them afresh
     loggers: list[BaseLogger] = []
@@ -503,6 +515,7 @@ def run_toy(config: ToyConfig, out: Path, options: RunOptions | None = None) -> 
             record = store.load(name, seed)
             if record is None:
                 start = time.perf_counter()
+                seed_run(seed)
                 ctx = BuildContext(config, seed, 2, NUM_CLASSES, make_evaluator())
                 strategy = TOY[name].build(ctx)
                 matrix, seconds = run_stream(strategy, bench, name, seed)
