@@ -3,6 +3,7 @@
 import logging
 import math
 
+import pandas as pd
 import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -176,11 +177,23 @@ def test_all_metrics_run_under_the_interactive_and_csv_loggers(tmp_path):
         strategy.eval(stream.test_stream)
     loggers[1].close()
     loggers[2].close()
-    logged = (tmp_path / "metrics.csv").read_text()
-    for name in ("KeysInUse_Stream", "KeySharing_Exp", "ValueScale_Mean", "Regime_Epoch",
-                 "KeysReplaced_KeyFit", "Top1_Acc_Stream"):
-        assert name in logged
-    assert (tmp_path / "csv" / "training_results.csv").exists()
+    logged = pd.read_csv(tmp_path / "metrics.csv")
+    names = {n.split("/")[0] for n in logged.name}
+    assert {"KeysInUse_Stream", "KeySharing_Exp", "ValueScale_Mean", "Regime_Epoch",
+            "KeysReplaced_KeyFit", "Top1_Acc_Stream"} <= names
+    # the CSV holds every value the evaluator computed, in order, not just their names
+    for name, (xs, values) in strategy.evaluator.get_all_metrics().items():
+        rows = logged[logged.name == name]
+        if all(isinstance(v, int | float) for v in values):
+            assert list(rows.value) == pytest.approx([float(v) for v in values], rel=1e-5), name
+            assert list(rows.x) == list(xs), name
+    churn = logged[logged.name.str.startswith("KeysReplaced_KeyFit")]
+    fit = strategy.model.bottleneck.fit_stats["keys_replaced_per_epoch"]
+    assert list(churn.value) == [float(n) for n in fit] and list(churn.x) == list(range(len(fit)))
+    accuracy = logged[logged.name == "Top1_Acc_Stream/eval_phase/test_stream"].value
+    assert len(accuracy) == 2 and accuracy.iloc[1] > accuracy.iloc[0] >= 0.45  # both halves
+    training = pd.read_csv(tmp_path / "csv" / "training_results.csv")
+    assert len(training) == 2 * 2  # Avalanche's CSV: a row per training epoch
 
 
 def test_key_fit_churn_reports_a_fit_once_even_after_a_checkpoint_round_trip(tmp_path):
