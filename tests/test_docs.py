@@ -1,6 +1,7 @@
 """Every code block of README.md and docs/*.md runs, in order, one namespace per document
 (sybil): Python blocks in this interpreter, bash blocks in a shell whose ``PATH`` starts
-with this environment's ``bin`` (so ``kvb-avalanche`` is this checkout's). Both run in a
+with this environment's ``bin`` (so ``kvb-avalanche`` is this checkout's); YAML blocks are
+sweep files, parsed and validated; TOML blocks are parsed. Both run in a
 scratch copy of the repository's layout, so what they write lands there. A block that
 cannot run here (a full experiment, a cluster, a package install) is marked in the
 document with ``<!-- skip: next "why" -->``; a skip without its reason fails."""
@@ -31,7 +32,29 @@ def run_bash(example) -> None:
                              f"{example.parsed}\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
 
 
-SYBIL = Sybil(parsers=[PythonCodeBlockParser(), CodeBlockParser("bash", run_bash), SkipParser()],
+def check_sweep_file(example) -> None:
+    """A YAML block is a sweep file: it must parse into a sweep, every point a valid config."""
+    import yaml
+
+    from kvb_avalanche.experiments.config import ConfigError
+    from kvb_avalanche.experiments.spec import parse_spec
+
+    try:
+        spec = parse_spec(yaml.safe_load(example.parsed), where=f"{example.path}:{example.line}")
+        assert spec.points(), "a sweep without a grid point"
+    except ConfigError as e:
+        raise AssertionError(f"{example.path}:{example.line}: {e}") from e
+
+
+def check_toml(example) -> None:
+    import tomllib
+
+    tomllib.loads(example.parsed)
+
+
+SYBIL = Sybil(parsers=[PythonCodeBlockParser(), CodeBlockParser("bash", run_bash),
+                       CodeBlockParser("yaml", check_sweep_file),
+                       CodeBlockParser("toml", check_toml), SkipParser()],
               path=str(REPO))
 
 
@@ -84,6 +107,7 @@ def test_every_code_block_runs(name, workdir):
 @pytest.mark.parametrize("block, message", [
     ("```python\nassert 1 == 2, 'wrong'\n```\n", "wrong"),
     ("```bash\nfalse\n```\n", "exit 1"),
+    ("```yaml\nparameters: {codebooks: {values: [0]}}\n```\n", "codebooks"),
     ("<!-- skip: next -->\n```python\nx = 1\n```\n", "a skip needs its reason"),
 ])
 def test_a_failing_or_unexplained_block_fails(tmp_path, block, message):
