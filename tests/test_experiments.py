@@ -371,3 +371,12 @@ def test_packing_a_results_folder_keeps_its_tables_and_unpacks_to_the_same_files
     after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
              if p.is_file() and p.name != RAW_ARCHIVE}
     assert after == before
+
+
+def test_the_record_names_the_machine_whose_kernels_decide_an_mlp_heads_bits():
+    from kvb_avalanche.experiments.runner import versions
+
+    record = versions()
+    assert record["torch threads"] == torch.get_num_threads()
+    assert record["torch cpu capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(record["cpu"], str) and record["cpu"]

@@ -427,9 +427,26 @@ class Workbench:
         return record
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
-    """Package versions and this checkout's git commit (None outside a checkout)."""
-    out: dict[str, str | None] = {}
+    """Package versions, this checkout's git commit (None outside a checkout) and the
+    machine: an MLP head's bits follow the CPU kernels torch dispatches to (its
+    capability) and its thread count, and chaotic baselines (EWC, replay) amplify them."""
+    out: dict[str, str | int | None] = {
+        "cpu": cpu_model(), "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "torch threads": torch.get_num_threads()}
     for pkg in ("kvb-avalanche", "torch", "torchvision", "avalanche-lib", "numpy", "pandas"):
         try:
             out[pkg] = metadata.version(pkg)
