@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from kvb_avalanche import torchvision_compat as _tv_compat
 
+torchvision_compat = _tv_compat  # an attribute even when the start-up hook loaded it first
 _tv_compat.install_hook()  # before anything imports torchvision (Avalanche does)
 
 with warnings.catch_warnings():

@@ -224,6 +224,12 @@ def _doctor(args: argparse.Namespace) -> int:
     lines = [f"python      {sys.version.split()[0]} ({sys.executable})"]
     for name in ("torch", "torchvision", "avalanche-lib", "kvb-avalanche"):
         lines.append(f"{name:<11} {_installed(name)}")
+    hook = compat.site_packages() / compat.PTH_NAME
+    if hook.is_file() and hook.read_text() != compat.pth_line() and not args.fix_torchvision:
+        lines.append(f"{hook} loads another copy of torchvision_compat.py than this package's "
+                     f"({Path(compat.__file__).resolve()}): run `kvb-avalanche doctor "
+                     "--fix-torchvision` to point it here, or delete it (pip uninstall leaves "
+                     "it behind)")
     if error is None:
         lines.append("torchvision's compiled extension loads: nothing to fix")
     elif args.fix_torchvision:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -83,9 +84,9 @@ class KVBStrategy(SupervisedTemplate):
         _positive_int(train_epochs, "train_epochs")
         if eval_mb_size is not None:
             _positive_int(eval_mb_size, "eval_mb_size")
-        if optimizer is None and not (isinstance(lr, int | float) and lr > 0):
+        if optimizer is None and not (_real(lr) and lr > 0):
             raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        if not (isinstance(label_smoothing, int | float) and 0 <= label_smoothing < 1):
+        if not (_real(label_smoothing) and 0 <= label_smoothing < 1):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
@@ -172,6 +173,8 @@ class KVBStrategy(SupervisedTemplate):
     def criterion(self):
         if self.is_training:
             check_targets(self.mb_y, self.model.num_classes, "mb_y (the batch's targets)")
+            if self.mb_y.dtype != torch.long:  # int16/int32 targets: both steps take int64
+                self.mbatch[1] = self.mb_y.long()
         if self._fusing():
             return self._fused_step.loss(self.mb_output, self.mb_y,
                                          criterion_of(self).label_smoothing)
@@ -202,6 +205,8 @@ class CountingRegimeWarning(SupervisedPlugin):
     softmax stayed near uniform over the last epoch, so the values are per-key class counts.
     Later experiences in that regime are counted, not logged (an online stream has hundreds):
     ``experiences`` of ``trained`` so far, and :meth:`summary` says it with the count."""
+
+    experiences = trained = 0  # class defaults: a checkpoint of an older version lacks them
 
     def __init__(self) -> None:
         super().__init__()
@@ -250,7 +255,9 @@ SPARSE_OPTIMIZERS = (SparseSGD, torch.optim.SGD, torch.optim.SparseAdam, torch.o
 def check_sparse_optimizer(optimizer: torch.optim.Optimizer, model: KVBModel) -> None:
     """Refuse, at construction, a torch optimizer that cannot step on the sparse value
     gradients of ``KeyValueBottleneck(sparse_grad=True)`` (it would fail at the first step)."""
-    if (model.bottleneck.sparse_grad and type(optimizer).__module__.startswith("torch.optim")
+    values = model.bottleneck.values
+    if (model.bottleneck.sparse_grad and values.requires_grad
+            and type(optimizer).__module__.startswith("torch.optim")
             and not isinstance(optimizer, SPARSE_OPTIMIZERS)):
         raise ValueError(
             f"optimizer: {type(optimizer).__name__} cannot take the sparse value gradients of "
@@ -271,8 +278,13 @@ def check_targets(targets: torch.Tensor, num_classes: int | None, name: str) -> 
                          f"got {low} to {high}")
 
 
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Any integer (NumPy's too), not a bool, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -78,8 +78,27 @@ def workdir(tmp_path, monkeypatch, cifar_cache):
     return work
 
 
+LANGUAGES = {"python", "bash", "yaml", "toml"}  # what runs; an untagged block is a figure
+
+
+def fences(text: str) -> list[str]:
+    """The language tag of every fenced block in a Markdown text ('' if untagged)."""
+    tags, inside = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            if not inside:
+                tags.append(stripped[3:].strip())
+            inside = not inside
+    return tags
+
+
 def evaluate(path: Path, workdir: Path) -> tuple[int, list[str]]:
-    """Run a document's blocks in order: (blocks run, 'line: reason' of those skipped)."""
+    """Run a document's blocks in order: (blocks run, 'line: reason' of those skipped).
+    Every tagged block must be one sybil ran or skipped: none is dropped unseen."""
+    tags = fences(Path(path).read_text())
+    unknown = sorted(set(tags) - LANGUAGES - {""})
+    assert not unknown, f"{path}: blocks in {unknown}, which tests/test_docs.py cannot run"
     document = SYBIL.parse(path)
     document.namespace["workdir"] = workdir
     ran, skipped = 0, []
@@ -95,6 +114,7 @@ def evaluate(path: Path, workdir: Path) -> tuple[int, list[str]]:
             skipped.append(f"{example.line}: {e}")
             continue
         ran += 1
+    assert ran + len(skipped) == sum(map(bool, tags)), f"{path}: a tagged block was not seen"
     return ran, skipped
 
 
@@ -109,6 +129,7 @@ def test_every_code_block_runs(name, workdir):
     ("```bash\nfalse\n```\n", "exit 1"),
     ("```yaml\nparameters: {codebooks: {values: [0]}}\n```\n", "codebooks"),
     ("<!-- skip: next -->\n```python\nx = 1\n```\n", "a skip needs its reason"),
+    ("```sh\nfalse\n```\n", r"blocks in \['sh'\]"),
 ])
 def test_a_failing_or_unexplained_block_fails(tmp_path, block, message):
     (tmp_path / "doc.md").write_text("Intro.\n\n" + block)

@@ -432,6 +432,23 @@ def test_a_batch_with_out_of_range_targets_is_refused_on_either_step(tensor_benc
     strategy = kvb_strategy(fused=fused, plugins=[ShiftTargets()])
     with pytest.raises(ValueError, match=r"mb_y \(the batch's targets\) must lie in \[0, 4\)"):
         strategy.train(tensor_bench.train_stream[0], eval_streams=[])
+    assert strategy.training_step == ("fused" if fused is None else "autograd")
+
+
+class Int32Targets(SupervisedPlugin):
+    def before_forward(self, strategy, **kwargs):
+        strategy.mbatch[1] = strategy.mbatch[1].int()
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_int32_targets_train_on_either_step_as_int64_do(tensor_bench, fused):
+    values = {}
+    for plugins in ([], [Int32Targets()]):
+        torch.manual_seed(0)
+        strategy = kvb_strategy(fused=fused, plugins=plugins)
+        strategy.train(tensor_bench.train_stream[0], eval_streams=[])
+        values[len(plugins)] = strategy.model.bottleneck.values.detach().clone()
+    assert torch.equal(values[0], values[1])
 
 
 def test_float_targets_are_refused_before_training_naming_the_fix():
@@ -459,11 +476,20 @@ def test_task_labels_are_refused_unless_ignored_on_purpose():
     (dict(train_epochs=1.5), "train_epochs must be a positive integer, got 1.5"),
     (dict(eval_mb_size=-1), "eval_mb_size must be a positive integer, got -1"),
     (dict(lr=0), "lr must be a number > 0, got 0"),
+    (dict(train_mb_size=True), "train_mb_size must be a positive integer, got True"),
     (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_sizes_and_rates_are_refused_at_construction_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kvb_strategy(**kwargs)
+
+
+def test_numpy_scalars_are_valid_sizes_and_rates():
+    import numpy as np
+
+    strategy = kvb_strategy(train_mb_size=np.int64(16), train_epochs=np.int32(2),
+                            lr=np.float32(2.0))
+    assert strategy.train_mb_size == 16
 
 
 def test_an_empty_first_experience_is_named_when_the_keys_need_it():

@@ -371,6 +371,13 @@ def test_packing_a_results_folder_keeps_its_tables_and_unpacks_to_the_same_files
     after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
              if p.is_file() and p.name != RAW_ARCHIVE}
     assert after == before
+    # a folder that lost one of them gets that one back, the others untouched
+    shutil.rmtree(folder / "logs")
+    (folder / "runs" / "new-seed1.json").write_text("{}")
+    assert unpack_raw(folder)
+    assert (folder / "logs/kvb-seed0/metrics.csv").read_text() == "x\n1\n"
+    assert (folder / "runs" / "new-seed1.json").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".unpacking")]
 
 
 def test_the_record_names_the_machine_whose_kernels_decide_an_mlp_heads_bits():

@@ -111,6 +111,7 @@ def test_doctor_names_the_mismatch_and_its_fix_makes_torchvision_importable_firs
     assert after.stdout.split() == ["False"]  # the package itself was never imported
 
 
+@pytest.mark.skipif(not BROKEN, reason="torchvision's extension loads here: nothing was fixed")
 def test_the_dev_install_imports_avalanche_without_importing_the_package(tmp_path):
     """`scripts/install.sh` applied the fix inside .venv, where this torchvision needs it."""
     result = subprocess.run([sys.executable, "-c", "import avalanche, sys; "

@@ -70,3 +70,18 @@ def test_a_folder_of_an_older_version_is_reported_as_the_toy_and_not_resumed(tmp
         toy_2d.main(args)
     assert exit_.value.code == 2
     assert "written by an older kvb-avalanche" in capsys.readouterr().err
+
+
+def test_a_packed_folder_is_resumed_from_its_archive_not_retrained(tmp_path):
+    from kvb_avalanche.experiments.records import pack_raw
+
+    out = tmp_path / "packed"
+    args = ["--out", str(out), "--seeds", "0", "--steps", "20", "--key-steps", "20",
+            "--strategies", "kvb_20x20", "naive_mlp", "--no-progress"]
+    toy_2d.main(args)
+    before = pd.read_csv(out / "summary.csv")
+    assert pack_raw(out) is not None and not (out / "runs").exists()
+    toy_2d.main(args)
+    # the finished runs came back from raw.tar.xz: their own training seconds, not new ones
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), before)
+    assert len(list((out / "runs").glob("*.json"))) == 2

@@ -132,6 +132,9 @@ class RunStore:
         if self.overwrite:  # finished runs and the checkpoints of unfinished ones
             for f in [*self.runs.glob("*.json"), *self.checkpoints.glob("*.pt")]:
                 f.unlink()
+            (self.out / RAW_ARCHIVE).unlink(missing_ok=True)
+        else:  # committed results keep their runs packed: resume and grow from them
+            unpack_raw(self.out)
         write_json({"config": self.identity, **record}, self.out / "config.json")
 
     @property
@@ -197,14 +200,36 @@ def pack_raw(folder: Path) -> Path | None:
 
 
 def unpack_raw(folder: Path) -> bool:
-    """Unpack ``folder``'s :data:`RAW_ARCHIVE` where none of its raw folders is there (so
-    ``report`` can redraw committed results). True if it did."""
+    """Unpack the raw folders of ``folder``'s :data:`RAW_ARCHIVE` that are not there (so
+    ``report`` redraws, and a re-run resumes, committed results). Each folder is extracted
+    aside and renamed into place, so a killed unpacking leaves none half-written. True if
+    it unpacked any."""
+    import shutil
     import tarfile
+    import tempfile
 
     folder = Path(folder)
     archive = folder / RAW_ARCHIVE
-    if not archive.is_file() or any((folder / d).exists() for d in RAW_DIRS):
+    if not archive.is_file():
         return False
+    missing = [d for d in RAW_DIRS if not (folder / d).exists()]
     with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")  # no paths outside the folder, no devices
+        members = [m for m in tar.getmembers() if m.name.split("/")[0] in missing]
+        if not members:
+            return False
+        for m in members:  # tarfile's "data" filter where it exists (3.11.4+), else ours
+            if Path(m.name).is_absolute() or ".." in Path(m.name).parts or not (
+                    m.isfile() or m.isdir()):
+                raise ValueError(f"{archive}: refusing the archive member {m.name!r}")
+        aside = Path(tempfile.mkdtemp(dir=folder, prefix=".unpacking-"))
+        try:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(aside, members=members, filter="data")
+            else:  # pragma: no cover (Python < 3.11.4)
+                tar.extractall(aside, members=members)
+            for d in missing:
+                if (aside / d).exists():
+                    (aside / d).rename(folder / d)
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     return True
