@@ -223,7 +223,7 @@ def _doctor(args: argparse.Namespace) -> int:
     error = compat.extension_error()
     lines = [f"python      {sys.version.split()[0]} ({sys.executable})"]
     for name in ("torch", "torchvision", "avalanche-lib", "kvb-avalanche"):
-        lines.append(f"{name:<11} {_installed(name)}")
+        lines.append(f"{name:<11} {compat.installed(name)}")
     hook = compat.site_packages() / compat.PTH_NAME
     if hook.is_file() and hook.read_text() != compat.pth_line() and not args.fix_torchvision:
         lines.append(f"{hook} loads another copy of torchvision_compat.py than this package's "
@@ -244,15 +244,6 @@ def _doctor(args: argparse.Namespace) -> int:
         lines.append(compat.advice())
     print("\n".join(lines))  # noqa: T201 (CLI output)
     return int(error is not None and not args.fix_torchvision and not compat.armed_at_start())
-
-
-def _installed(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _print_tables(table: Any, checks: Path | None = None) -> None:

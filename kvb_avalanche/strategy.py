@@ -206,11 +206,8 @@ class CountingRegimeWarning(SupervisedPlugin):
     Later experiences in that regime are counted, not logged (an online stream has hundreds):
     ``experiences`` of ``trained`` so far, and :meth:`summary` says it with the count."""
 
-    experiences = trained = 0  # class defaults: a checkpoint of an older version lacks them
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.experiences = self.trained = 0
+    # counts start from these class values (a checkpoint of an older version has none)
+    experiences = trained = 0
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         self._sum, self._count = 0.0, 0

@@ -21,6 +21,7 @@ dev ``.venv``). Deleting that file undoes it. This module imports nothing heavy:
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -56,6 +57,7 @@ def _nms(boxes, scores, iou_threshold: float):
     return torch.tensor(keep, dtype=torch.long, device=boxes.device)
 
 
+@functools.cache  # the answer cannot change within a process; loading is not free
 def extension_error() -> str | None:
     """Why torchvision's compiled extension cannot load here; None if it loads (or if
     torchvision is not installed)."""
@@ -154,16 +156,18 @@ def armed_at_start() -> bool:
     return _at_start
 
 
-def advice() -> str:
-    """What is wrong and the one command that fixes it for the whole environment."""
+def installed(name: str) -> str:
+    """A distribution's installed version, or 'not installed'."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
+
+def advice() -> str:
+    """What is wrong and the one command that fixes it for the whole environment."""
     return (f"torchvision {installed('torchvision')}'s compiled extension cannot load next to "
             f"torch {installed('torch')} ({extension_error()}); kvb_avalanche declared "
             "torchvision's two operators for this process, so import kvb_avalanche before "
