@@ -43,6 +43,14 @@ def quick_run(tmp_path_factory, cache):
     return out
 
 
+def strongest_frozen(out: Path) -> str:
+    """The frozen-feature baseline of highest mean final accuracy, from summary.csv."""
+    from kvb_avalanche.experiments.strategies import FROZEN_FEATURE
+
+    final = pd.read_csv(out / "summary.csv").groupby("strategy").final_accuracy.mean()
+    return final[list(FROZEN_FEATURE)].idxmax()
+
+
 def test_quick_run_writes_every_output(quick_run):
     summary = pd.read_csv(quick_run / "summary.csv")
     matrix = pd.read_csv(quick_run / "accuracy_matrix.csv")
@@ -61,7 +69,8 @@ def test_quick_run_writes_every_output(quick_run):
         assert (quick_run / png).stat().st_size > 10_000
     config = (quick_run / "config.json").read_text()
     checks = pd.read_csv(quick_run / "expectations.csv")
-    assert list(checks.columns) == ["claim", "value", "goal", "status"] and len(checks) == 9
+    assert list(checks.columns) == ["claim", "value", "goal", "status"] and len(checks) == 10
+    assert checks.claim.iloc[-1].endswith(f"baseline's ({strongest_frozen(quick_run)})")
     assert set(checks.status) <= {"PASS", "FAIL"}
     for needle in ("avalanche-lib", "git commit", "uncommitted changes", "data_identity",
                    "embedding_cache_identity", '"num_pairs": 256'):

@@ -268,6 +268,9 @@ class ExperimentConfig(BaseConfig):
         "LwF distillation weight", stage=Stage.BASELINE_RUNS))
     lwf_temperature: float = field(default=2.0, metadata=describe(
         "LwF temperature", stage=Stage.BASELINE_RUNS))
+    ranpac_dim: int = field(default=2000, metadata=describe(
+        "RanPAC's random-projection size M (its paper: 10000; see docs/experiments.md)",
+        stage=Stage.BASELINE_RUNS))
 
     @classmethod
     def for_benchmark(cls, benchmark: str, **changes: Any) -> ExperimentConfig:
@@ -304,8 +307,8 @@ class ExperimentConfig(BaseConfig):
                 raise ConfigError(name, f"{{{name}}}: {e}") from e
         _positive(self, "n_experiences", "kvb_epochs", "epochs", "batch_size", "buffer_size",
                   "codebooks", "num_pairs", "dim_keys", "dim_values", "topk", "resolution",
-                  "hidden", "max_per_class", "test_max_per_class", "key_init_max_per_class",
-                  "kmeans_samples")
+                  "hidden", "ranpac_dim", "max_per_class", "test_max_per_class",
+                  "key_init_max_per_class", "kmeans_samples")
         for name in ("key_epochs", "kmeans_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"{{{name}}} must be >= 0, got {getattr(self, name)}")

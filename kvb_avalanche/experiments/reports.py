@@ -168,6 +168,13 @@ def expectations(summary: pd.DataFrame, matrix: pd.DataFrame) -> pd.DataFrame:
     claim("kvb final accuracy - joint_linear's", ["kvb", "joint_linear"],
           lambda: final.kvb - final.joint_linear, ">= -0.05",
           lambda: final.kvb >= final.joint_linear - 0.05)
+    from kvb_avalanche.experiments.strategies import FROZEN_FEATURE
+
+    frozen = [s for s in FROZEN_FEATURE if s in final.index]
+    best = max(frozen, key=lambda s: final[s]) if frozen else None
+    claim(f"kvb final accuracy - the strongest frozen-feature baseline's ({best or 'none run'})",
+          ["kvb", *([best] if best else ["a frozen-feature baseline"])],
+          lambda: final.kvb - final[best], ">= 0", lambda: final.kvb >= final[best])
     return pd.DataFrame(rows, columns=["claim", "value", "goal", "status"])
 
 

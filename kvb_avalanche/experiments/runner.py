@@ -53,6 +53,7 @@ from kvb_avalanche.experiments.reports import (
     write_split_reports,
     write_toy_reports,
 )
+from kvb_avalanche.experiments.spec import point_frame
 from kvb_avalanche.experiments.strategies import STRATEGIES, TOY, BuildContext
 from kvb_avalanche.io import atomic_write
 from kvb_avalanche.keys import KeyFitConfig
@@ -480,7 +481,8 @@ def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | No
     """
     options = options or RunOptions()
     device = device_of(config)
-    store = RunStore(out, config.to_dict(), options.overwrite)
+    # more seeds or strategies grow the folder; any other field must match its runs'
+    store = RunStore(out, config.to_dict(), options.overwrite, frame=point_frame)
     store.check()
     bench = Workbench(options, keys_dir=store.checkpoints / "keys")
     data = bench.data(config)

@@ -98,9 +98,12 @@ def sweep_frame(spec: dict) -> dict:
 
 
 def point_frame(config: dict) -> dict:
-    """What a grid point's folder pins down: its configuration but the seeds and strategies
-    (each run is stored on its own, by strategy and seed)."""
-    return {k: v for k, v in config.items() if k not in ("seeds", "strategies")}
+    """What a grid point's (or an experiment's) folder pins down: its configuration but the
+    seeds and strategies (each run is stored on its own, by strategy and seed), a field that
+    an older record lacks read as its default (a new field's default is the old behaviour)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
+                if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in ("seeds", "strategies")}
 
 
 def point_name(point: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from avalanche.training.supervised import EWC, LwF, Naive, Replay, StreamingLDA
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from kvb_avalanche.baselines import FeCAMStrategy, NCMStrategy, RanPACStrategy, SimpleCILStrategy
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.decoders import VotingDecoder
 from kvb_avalanche.experiments.identity import Stage
@@ -204,6 +205,32 @@ def _slda(ctx: BuildContext) -> SupervisedTemplate:
     return StreamingLDA(slda_model=nn.Identity(), criterion=nn.CrossEntropyLoss(),
                         input_size=ctx.dim, num_classes=ctx.num_classes, shrinkage_param=1e-4,
                         train_epochs=1, **ctx.common())
+
+
+# the field's methods on frozen pretrained features: closed-form heads, no gradient step
+@STRATEGIES.register("ncm", reads=Stage.BASELINE_RUNS)
+def _ncm(ctx: BuildContext) -> SupervisedTemplate:
+    return NCMStrategy(num_classes=ctx.num_classes, **ctx.common())
+
+
+@STRATEGIES.register("simplecil", reads=Stage.BASELINE_RUNS)
+def _simplecil(ctx: BuildContext) -> SupervisedTemplate:
+    return SimpleCILStrategy(num_classes=ctx.num_classes, dim=ctx.dim, **ctx.common())
+
+
+@STRATEGIES.register("fecam", reads=Stage.BASELINE_RUNS)
+def _fecam(ctx: BuildContext) -> SupervisedTemplate:
+    return FeCAMStrategy(num_classes=ctx.num_classes, **ctx.common())
+
+
+@STRATEGIES.register("ranpac", reads=Stage.BASELINE_RUNS)
+def _ranpac(ctx: BuildContext) -> SupervisedTemplate:
+    return RanPACStrategy(num_classes=ctx.num_classes, dim=ctx.dim,
+                          projection_dim=ctx.config.ranpac_dim, seed=ctx.seed, **ctx.common())
+
+
+# the frozen-feature baselines the claims table compares KVB with (the strongest of them)
+FROZEN_FEATURE: tuple[str, ...] = ("slda", "ncm", "simplecil", "fecam", "ranpac")
 
 
 @STRATEGIES.register("joint_linear", joint=True, reads=Stage.BASELINE_RUNS)

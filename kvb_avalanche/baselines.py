@@ -1,0 +1,372 @@
+"""The field's frozen-feature baselines, as Avalanche strategies: NCM, SimpleCIL, FeCAM, RanPAC.
+
+None of them takes a gradient step. After each experience a plugin updates a closed-form
+classifier from that experience's features alone (no exemplars), which is what each
+method's paper does on a frozen pretrained backbone:
+
+- **NCM**: Avalanche's ``NCMClassifier`` (L2-normalised class means, Euclidean distance),
+  its means exact running means (class-incrementally: Avalanche's ``CurrentDataNCMUpdate``).
+- **SimpleCIL** (Zhou et al., 2023): the prototype of a class is the mean of its raw
+  features; a feature goes to the prototype of highest cosine similarity.
+- **FeCAM** (Goswami et al., NeurIPS 2023): Avalanche's ``FeCAMClassifier`` (Tukey's
+  transform, per-class shrunk and normalised covariances, Mahalanobis distance), its
+  statistics exact running ones (class-incrementally: Avalanche's
+  ``CurrentDataFeCAMUpdate``); the inverse covariances are computed once per update
+  instead of once per batch and class.
+- **RanPAC** without its PETL stage (McDonnell et al., NeurIPS 2023): a fixed Gaussian
+  projection to ``M`` dimensions with a ReLU, then ridge regression onto one-hot targets
+  from Gram matrices accumulated over every experience so far; the ridge ``λ`` is chosen
+  for each experience on a held-out 20 % of its data, from RanPAC's grid 1e-8 .. 1e13.
+
+Every classifier scores all ``num_classes`` classes; a class that no experience has shown
+yet scores below every seen class (Avalanche's own classifiers give unseen classes a zero
+prototype, which can win).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from avalanche.models import FeCAMClassifier, NCMClassifier, TrainEvalModel
+from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+
+RANPAC_RIDGES = 10.0 ** np.arange(-8, 14)  # RanPAC's λ grid
+RANPAC_HELD_OUT = 0.2  # share of an experience held out to choose λ
+
+
+def _below_seen(scores: Tensor, seen: Tensor) -> Tensor:
+    """``scores`` (batch, classes) with every unseen class one below the row's lowest seen
+    score: never predicted, and finite (so the loss metric stays finite)."""
+    if seen.all() or not seen.any():
+        return scores
+    floor = scores[:, seen].min(1, keepdim=True).values - 1
+    return torch.where(seen, scores, floor)
+
+
+def _padded(scores: Tensor, num_classes: int) -> Tensor:
+    """(batch, k) -> (batch, num_classes), zeros on the right (for classes beyond k)."""
+    return F.pad(scores, (0, num_classes - scores.shape[1])) if scores.shape[1] < num_classes \
+        else scores
+
+
+def _check_features(x: Tensor, method: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{method} takes features of shape (batch, dim), got {tuple(x.shape)}")
+
+
+class NCM(NCMClassifier):
+    """Avalanche's ``NCMClassifier`` over ``num_classes`` classes, unseen classes masked."""
+
+    def __init__(self, num_classes: int, normalize: bool = True) -> None:
+        super().__init__(normalize=normalize)
+        self.num_classes = num_classes
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    def update_class_means_dict(self, class_means_dict: dict, momentum: float = 0.5) -> None:
+        super().update_class_means_dict(class_means_dict, momentum)
+        self.seen[[int(k) for k in class_means_dict]] = True
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        _check_features(x, "NCM")
+        if not self.seen.any():
+            return x.new_zeros(len(x), self.num_classes)
+        return _below_seen(_padded(super().forward(x), self.num_classes), self.seen.to(x.device))
+
+
+class FeCAM(FeCAMClassifier):
+    """Avalanche's ``FeCAMClassifier`` (its defaults, FeCAM's paper's) over ``num_classes``
+    classes, unseen classes masked, the inverse covariances cached between updates.
+
+    Tukey's transform is a square root: the features must be non-negative (pooled ReLU
+    features are); negative ones are refused rather than turned into NaN.
+    """
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self._inverse: dict[int, Tensor] = {}
+
+    def update_class_means_dict(self, class_means_dict: dict, momentum: float = 0.5) -> None:
+        super().update_class_means_dict(class_means_dict, momentum)
+        self.seen[[int(k) for k in class_means_dict]] = True
+
+    def update_class_cov_dict(self, class_cov_dict: dict, momentum: float = 0.5) -> None:
+        super().update_class_cov_dict(class_cov_dict, momentum)
+        self._inverse = {}
+
+    def replace_class_cov_dict(self, class_cov_dict: dict) -> None:
+        super().replace_class_cov_dict(class_cov_dict)
+        self._inverse = {}
+
+    def apply_transforms(self, features: Tensor) -> Tensor:
+        if self.tukey and self.tukey1 != 0 and bool((features < 0).any()):
+            raise ValueError("FeCAM's Tukey transform (a square root) needs non-negative "
+                             f"features; these reach {features.min().item():.3g}. Use an "
+                             "encoder with pooled ReLU features, or FeCAM(tukey=False)")
+        return super().apply_transforms(features)
+
+    def _tukey_transforms(self, x: Tensor) -> Tensor:  # Avalanche's, without copying x
+        return torch.log(x) if self.tukey1 == 0 else torch.pow(x, self.tukey1)
+
+    def _inverse_cov(self, class_id: int, device: torch.device) -> Tensor:
+        if class_id not in self._inverse:
+            cov = self.class_cov_dict[class_id]
+            self._inverse[class_id] = torch.linalg.pinv(cov).float().to(device)
+        return self._inverse[class_id]
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        _check_features(x, "FeCAM")
+        if not self.seen.any():
+            return x.new_zeros(len(x), self.num_classes)
+        x = F.normalize(self.apply_transforms(x), p=2, dim=-1)  # (batch, dim)
+        scores = x.new_zeros(len(x), self.num_classes)
+        for c in self.seen.nonzero().flatten().tolist():
+            diff = x - F.normalize(self.class_means_dict[c].to(x.device), p=2, dim=-1)
+            scores[:, c] = -((diff @ self._inverse_cov(c, x.device)) * diff).sum(1)
+        return _below_seen(scores, self.seen.to(x.device))
+
+
+class CosinePrototypes(nn.Module):
+    """SimpleCIL's classifier: per-class means of raw features, scored by cosine similarity.
+
+    Means are exact running means (sums and counts), so a class seen again (a
+    domain-incremental stream) averages all its features."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add features ``x`` (n, dim) of classes ``y`` (n,)."""
+        self.sums.index_add_(0, y, x.to(self.sums.dtype))
+        self.counts += torch.bincount(y, minlength=len(self.counts)).to(self.counts.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        _check_features(x, "SimpleCIL")
+        seen = self.counts > 0
+        prototypes = (self.sums / self.counts.clamp(min=1)[:, None]).float()  # (classes, dim)
+        scores = F.normalize(x, dim=1) @ F.normalize(prototypes, dim=1).T  # (batch, classes)
+        return _below_seen(scores, seen)
+
+
+class RandomProjectionRidge(nn.Module):
+    """RanPAC's classifier (no PETL): ``h = relu(x W)``, ``W`` (dim, M) fixed Gaussian;
+    scores ``h Wo`` with ``Wo = (G + λ I)^-1 Q``, ``G = Σ h hᵀ`` and ``Q = Σ h yᵀ`` over every
+    experience so far (float64), ``λ`` as chosen at the last update."""
+
+    def __init__(self, num_classes: int, dim: int, projection_dim: int = 2000,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive integer, got {projection_dim}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", torch.randn(dim, projection_dim, generator=g))
+        self.register_buffer("gram", torch.zeros(projection_dim, projection_dim,
+                                                 dtype=torch.float64))
+        self.register_buffer("targets", torch.zeros(projection_dim, num_classes,
+                                                    dtype=torch.float64))
+        self.register_buffer("weights", torch.zeros(projection_dim, num_classes))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.ridge: float | None = None
+        self.num_classes = num_classes
+
+    def expand(self, x: Tensor) -> Tensor:
+        """(n, dim) -> (n, M): the random ReLU features."""
+        return torch.relu(x.to(self.projection.device) @ self.projection)
+
+    @staticmethod
+    def choose_ridge(h: Tensor, y_onehot: Tensor, held_out: Tensor) -> float:
+        """RanPAC's λ: fit on the kept rows of one experience, the λ of least mean squared
+        error on its ``held_out`` rows (bool mask), from :data:`RANPAC_RIDGES`."""
+        fit, val = h[~held_out], h[held_out]
+        gram, q = fit.T @ fit, fit.T @ y_onehot[~held_out]
+        eye = torch.eye(len(gram), dtype=gram.dtype)
+        losses = [F.mse_loss(val @ torch.linalg.solve(gram + r * eye, q),
+                             y_onehot[held_out]).item() for r in RANPAC_RIDGES]
+        return float(RANPAC_RIDGES[int(np.argmin(losses))])
+
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor, held_out: Tensor) -> None:
+        """Add one experience's features ``x`` (n, dim) and classes ``y`` (n,); ``held_out``
+        (n,) bool marks the rows λ is chosen on (all rows enter the statistics)."""
+        h = self.expand(x).double()  # (n, M)
+        y_onehot = F.one_hot(y, self.num_classes).double()  # (n, classes)
+        self.gram += h.T @ h
+        self.targets += h.T @ y_onehot
+        self.seen[y.unique()] = True
+        self.ridge = self.choose_ridge(h, y_onehot, held_out)
+        eye = torch.eye(len(self.gram), dtype=self.gram.dtype)
+        self.weights.copy_(torch.linalg.solve(self.gram + self.ridge * eye, self.targets))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        _check_features(x, "RanPAC")
+        if not self.seen.any():
+            return x.new_zeros(len(x), self.num_classes)
+        return _below_seen(self.expand(x) @ self.weights, self.seen.to(x.device))
+
+
+class ExperienceFeaturesUpdate(SupervisedPlugin):
+    """After each experience, hands its features and labels (dataset order) to
+    :meth:`update`; subclasses update their classifier there."""
+
+    def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        loader = torch.utils.data.DataLoader(strategy.experience.dataset.eval(),
+                                             batch_size=strategy.train_mb_size, shuffle=False)
+        xs, ys = [], []
+        for x, y, *_ in loader:
+            xs.append(strategy.model.feature_extractor(x.to(strategy.device)))
+            ys.append(y.to(strategy.device).long())
+        self.update(strategy, torch.cat(xs), torch.cat(ys))
+
+
+class PrototypeUpdate(ExperienceFeaturesUpdate):
+    """Adds each experience's features to the eval head's running class means."""
+
+    def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
+        strategy.model.eval_classifier.update(x, y)
+
+
+class ClassMeansUpdate(ExperienceFeaturesUpdate):
+    """NCM's prototypes as exact running means over every experience so far: the mean of a
+    class's L2-normalised features, normalised (Avalanche's ``compute_class_means``).
+
+    Where each class comes in one experience (class-incremental) this is Avalanche's
+    ``CurrentDataNCMUpdate`` (tested equal); where a class comes back (domain-incremental,
+    online) Avalanche's update averages the old and new means with weight 0.5 each, which
+    weighs the latest mini-batch as much as everything before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[int, Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
+        head = strategy.model.eval_classifier
+        x = F.normalize(x, dim=1) if head.normalize else x
+        for c in y.unique().tolist():
+            rows = x[y == c].double()
+            self.sums[c] = self.sums.get(c, 0) + rows.sum(0)
+            self.counts[c] = self.counts.get(c, 0) + len(rows)
+        means = {c: (self.sums[c] / self.counts[c]).float() for c in self.sums}
+        if head.normalize:
+            means = {c: m / m.norm() for c, m in means.items()}
+        head.replace_class_means_dict(means)
+        head.seen[list(means)] = True
+
+
+class ClassCovariancesUpdate(ExperienceFeaturesUpdate):
+    """FeCAM's means and covariances as exact running statistics over every experience so
+    far (of the Tukey-transformed features; unbiased covariance, then FeCAM's shrinkage and
+    normalisation). Class-incrementally this is Avalanche's ``CurrentDataFeCAMUpdate``
+    (tested equal); see :class:`ClassMeansUpdate` for a class that comes back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: dict[int, tuple[int, Tensor, Tensor]] = {}  # count, sum, sum of x xᵀ
+
+    def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
+        head = strategy.model.eval_classifier
+        x = head.apply_transforms(x)
+        for c in y.unique().tolist():
+            rows = x[y == c].double()  # (n, dim)
+            n, total, outer = self.stats.get(c, (0, 0, 0))
+            self.stats[c] = (n + len(rows), total + rows.sum(0), outer + rows.T @ rows)
+        means, covs = {}, {}
+        for c, (n, total, outer) in self.stats.items():
+            mean = total / n
+            means[c] = mean.float()
+            covs[c] = ((outer - n * torch.outer(mean, mean)) / max(n - 1, 1)).float()
+        head.replace_class_means_dict(means)
+        head.replace_class_cov_dict(head.apply_cov_transforms(covs))
+        head.seen[list(means)] = True
+
+
+class RidgeUpdate(ExperienceFeaturesUpdate):
+    """Adds each experience to RanPAC's statistics; the rows λ is chosen on are drawn from
+    ``seed`` and the experience's index (the same after a resume)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + strategy.clock.train_exp_counter)
+        held_out = torch.zeros(len(y), dtype=torch.bool)
+        held_out[torch.randperm(len(y), generator=g)[: max(1, int(RANPAC_HELD_OUT * len(y)))]] \
+            = True
+        strategy.model.eval_classifier.update(x, y, held_out.to(x.device))
+
+
+class ClosedFormTemplate(SupervisedTemplate):
+    """A strategy that takes no gradient step: a ``TrainEvalModel`` (feature extractor,
+    identity train head, closed-form eval head) whose eval head the plugins update after
+    each experience. Keyword-only, as Avalanche's strategies."""
+
+    def __init__(self, *, eval_classifier: nn.Module, update: SupervisedPlugin,
+                 feature_extractor: nn.Module | None = None, plugins: list | None = None,
+                 **kwargs: Any) -> None:
+        model = TrainEvalModel(feature_extractor or nn.Identity(), nn.Identity(),
+                               eval_classifier)
+        super().__init__(model=model, optimizer=None,  # type: ignore[arg-type]
+                         criterion=nn.CrossEntropyLoss(), train_epochs=1,
+                         plugins=[update, *(plugins or [])], **kwargs)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        """No optimiser: nothing is trained by gradient."""
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        """No gradient steps: the update plugin reads the experience after training."""
+
+
+def _need_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def NCMStrategy(*, num_classes: int, **kwargs: Any) -> ClosedFormTemplate:  # noqa: N802
+    """Nearest class mean on L2-normalised features (Avalanche's classes)."""
+    _need_positive(num_classes=num_classes)
+    return ClosedFormTemplate(eval_classifier=NCM(num_classes), update=ClassMeansUpdate(),
+                              **kwargs)
+
+
+def SimpleCILStrategy(*, num_classes: int, dim: int, **kwargs: Any  # noqa: N802
+                      ) -> ClosedFormTemplate:
+    """SimpleCIL: cosine similarity to class prototypes of raw features."""
+    _need_positive(num_classes=num_classes, dim=dim)
+    return ClosedFormTemplate(eval_classifier=CosinePrototypes(num_classes, dim),
+                              update=PrototypeUpdate(), **kwargs)
+
+
+def FeCAMStrategy(*, num_classes: int, **kwargs: Any) -> ClosedFormTemplate:  # noqa: N802
+    """FeCAM: Mahalanobis distance to class means under shrunk per-class covariances."""
+    _need_positive(num_classes=num_classes)
+    return ClosedFormTemplate(eval_classifier=FeCAM(num_classes),
+                              update=ClassCovariancesUpdate(), **kwargs)
+
+
+def RanPACStrategy(*, num_classes: int, dim: int, projection_dim: int = 2000,  # noqa: N802
+                   seed: int = 0, **kwargs: Any) -> ClosedFormTemplate:
+    """RanPAC without PETL: random ReLU projection to ``projection_dim``, ridge regression
+    on accumulated Gram matrices, λ chosen per experience on a seeded 20 % held out."""
+    _need_positive(num_classes=num_classes, dim=dim, projection_dim=projection_dim)
+    return ClosedFormTemplate(
+        eval_classifier=RandomProjectionRidge(num_classes, dim, projection_dim, seed),
+        update=RidgeUpdate(seed), **kwargs)
