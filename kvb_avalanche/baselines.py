@@ -117,8 +117,10 @@ class FeCAM(FeCAMClassifier):
 
     def _inverse_cov(self, class_id: int, device: torch.device) -> Tensor:
         if class_id not in self._inverse:
-            cov = self.class_cov_dict[class_id]
-            self._inverse[class_id] = torch.linalg.pinv(cov).float().to(device)
+            # the pseudo-inverse, as Avalanche's; in float64 by the symmetric eigensolver,
+            # where float32 SVD can fail to converge on a class of few, collinear features
+            cov = self.class_cov_dict[class_id].double()
+            self._inverse[class_id] = torch.linalg.pinv(cov, hermitian=True).float().to(device)
         return self._inverse[class_id]
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """The ``kvb-avalanche`` command: experiments, sweeps and reports.
 
     kvb-avalanche split-cifar10 --out OUT [--quick] [--seeds 0 1 2] [--kvb-epochs 10] ...
+    kvb-avalanche BENCHMARK --out OUT [--online --experience-size N] ...  (any registered one)
+    kvb-avalanche benchmarks   (lists them; --import MODULE registers a user's first)
     kvb-avalanche toy-2d --out OUT
     kvb-avalanche sweep SPEC.yaml --out DIR [--quick] [--engine local|ray|slurm] [--retries N]
     kvb-avalanche report DIR
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kvb_avalanche.benchmarks.cifar import DataError
+from kvb_avalanche.benchmarks.registry import BENCHMARKS, DATASETS
 from kvb_avalanche.experiments.config import (
-    BENCHMARK_DEFAULTS,
+    ONLINE,
     BaseConfig,
     ConfigError,
     ExperimentConfig,
     ToyConfig,
+    benchmark_defaults,
     flag,
     quick,
 )
@@ -83,11 +87,12 @@ def add_run_flags(parser: argparse.ArgumentParser, data: bool = True) -> None:
     """Flags that change how a run goes, never its numbers."""
     if data:
         parser.add_argument("--data-root", type=Path, default=None,
-                            help="folder holding CIFAR (torchvision folders, ImageFolder trees "
-                                 "or tar archives); default: $KVB_DATA_ROOT, else Avalanche's "
+                            help="folder holding the data (CIFAR: torchvision folders, "
+                                 "ImageFolder trees or tar archives; see 'kvb-avalanche "
+                                 "benchmarks'); default: $KVB_DATA_ROOT, else Avalanche's "
                                  "data folder (~/.avalanche/data)")
         parser.add_argument("--download", action="store_true",
-                            help="download CIFAR with torchvision if no local copy is found")
+                            help="download the data with torchvision if no local copy is found")
         parser.add_argument("--cache-dir", type=Path, default=None,
                             help="embedding and image cache; default: $KVB_CACHE_DIR, else "
                                  "~/.cache/kvb_avalanche")
@@ -130,8 +135,9 @@ def check_out(out: Path) -> None:
 # ---------------------------------------------------------------------------- commands
 def split_config(args: argparse.Namespace, benchmark: str) -> ExperimentConfig:
     """The benchmark's defaults, then ``--quick``'s values, then the flags given."""
-    base = {"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
-            **(quick(benchmark) if args.quick else {})}
+    base = {"benchmark": benchmark, **benchmark_defaults(benchmark),
+            **(quick(benchmark) if args.quick else {}),
+            **(ONLINE if getattr(args, "online", False) else {})}
     return config_from(args, ExperimentConfig, base)
 
 
@@ -143,6 +149,32 @@ def _split(args: argparse.Namespace, benchmark: str) -> Any:
     table = run_experiment(config, args.out, options_from(args))
     _print_tables(table, args.out / "expectations.csv")
     return table
+
+
+def _list_benchmarks(args: argparse.Namespace) -> int:
+    rows = [("name", "setting", "classes", "experiences", "keys fitted on", "data")]
+    for name in BENCHMARKS:
+        b = BENCHMARKS[name]
+        shape = DATASETS[b.dataset].image_shape
+        size = "x".join(map(str, shape[:2])) if shape else "any size"
+        rows.append((name, b.setting, str(b.num_classes), str(b.n_experiences),
+                     b.key_init_data, f"{b.dataset} ({size})"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         + "\n")
+    return 0
+
+
+def _imports(argv: list[str]) -> list[str]:
+    """The modules ``--import MODULE`` (or ``--import=MODULE``) names in ``argv``."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--import" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith("--import="):
+            out.append(arg.split("=", 1)[1])
+    return out
 
 
 def _toy(args: argparse.Namespace) -> Any:
@@ -208,10 +240,11 @@ def _report(args: argparse.Namespace) -> None:
         return
     strategies = config_values.get("strategies") or list(STRATEGIES)
     joint = {s for s in strategies if s in STRATEGIES and STRATEGIES[s].joint}
-    benchmark = config_values.get("benchmark", "split_cifar10")
-    classes = 100 if benchmark == "split_cifar100" else 10
+    from kvb_avalanche.experiments.runner import split_title
+
+    spec = BENCHMARKS[config_values.get("benchmark", "split_cifar10")]
     table = write_split_reports(args.dir, records, strategies, joint,
-                                benchmark.replace("split_cifar", "split CIFAR-"), classes)
+                                split_title(spec.name), spec.num_classes, spec.setting)
     _print_tables(table, args.dir / "expectations.csv")
 
 
@@ -264,23 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "Avalanche's baselines on the same frozen features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for benchmark, what in (("split_cifar10", "CIFAR-10 (default: 5 experiences of 2 classes, "
-                                               "keys fitted on CIFAR-100)"),
-                            ("split_cifar100", "CIFAR-100 (default: 50 experiences of 2 "
-                                               "classes, keys fitted on CIFAR-10)")):
+    for benchmark in BENCHMARKS:
+        spec = BENCHMARKS[benchmark]
         command = benchmark.replace("_", "-")
-        split = sub.add_parser(command, help=f"class-incremental split {what.split(' (')[0]}",
-                               description=f"Class-incremental split {what} on frozen "
-                                           "embeddings: KVB against Avalanche's baselines.")
+        what = spec.description or spec.name
+        split = sub.add_parser(command, help=f"{spec.setting}: {what}",
+                               description=f"{spec.setting.capitalize()} {what}, on frozen "
+                                           "embeddings: KVB against the baselines.")
         split.add_argument("--out", type=Path, required=True, help="output folder")
         split.add_argument("--quick", action="store_true",
                            help="tiny end-to-end run: 100 train / 50 test images a class, 32 px, "
                                 "small bottleneck, few epochs (for tests and a first look); "
                                 "flags given explicitly win")
         add_config_flags(split, ExperimentConfig, skip=("benchmark",),
-                         defaults=BENCHMARK_DEFAULTS[benchmark])
+                         defaults=benchmark_defaults(benchmark))
+        split.add_argument("--import", dest="imports", action="append", default=[],
+                           metavar="MODULE", help="import MODULE first (it registers "
+                           "strategies or benchmarks; repeatable)")
         add_run_flags(split)
         split.set_defaults(func=lambda a, b=benchmark: _split(a, b), parser=split)
+
+    listing = sub.add_parser("benchmarks", help="list the registered benchmarks",
+                             description="The registered benchmarks: name, setting, classes, "
+                                         "default split, key-initialisation data, data.")
+    listing.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE", help="import MODULE first (it registers "
+                         "benchmarks; repeatable)")
+    listing.set_defaults(func=_list_benchmarks, parser=listing)
 
     toy = sub.add_parser("toy-2d", help="the paper's 2-D toy (Fig. 2)",
                          description="The paper's 2-D toy: 8 Gaussian blobs learned 2 classes "
@@ -348,9 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Any:
     """Run the command; returns its table. Exits 2 on bad input (nothing written), 1 if
     runs of a sweep failed."""
+    from kvb_avalanche.experiments.engines import import_modules
     from kvb_avalanche.experiments.sweep import SweepFailed
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # a user's benchmarks and strategies are registered before the commands are built
+        import_modules(_imports(argv))
+    except ConfigError as e:
+        sys.stderr.write(f"kvb-avalanche: error: {e.render(lambda _: '--import')}\n")
+        raise SystemExit(2) from e
+    args = build_parser().parse_args(argv)
     command = args.parser
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")

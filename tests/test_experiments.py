@@ -305,7 +305,7 @@ def test_report_redraws_the_committed_split_cifar10_tables_from_its_packed_runs(
     shutil.copy(committed / "raw.tar.xz", tmp_path / "raw.tar.xz")
     shutil.copy(committed / "config.json", tmp_path / "config.json")
     cli(["report", str(tmp_path)])
-    assert len(list((tmp_path / "runs").glob("*.json"))) == 27  # 9 strategies x 3 seeds
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 39  # 13 strategies x 3 seeds
     for table in ("summary.csv", "accuracy_matrix.csv", "key_sharing.csv", "expectations.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / table),
                                       pd.read_csv(committed / table), check_exact=False,

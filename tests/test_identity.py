@@ -38,11 +38,15 @@ CHANGED = {
     "key_epochs": (1, {}), "kmeans_samples": (100, {}), "kmeans_iters": (1, {}),
     "epochs": (4, {}), "lr": (0.05, {}), "batch_size": (16, {}), "hidden": (8, {}),
     "buffer_size": (5, {}), "ewc_lambda": (1e6, {}), "lwf_alpha": (20.0, {}),
-    "lwf_temperature": (0.25, {}),
+    "lwf_temperature": (0.25, {}), "ranpac_dim": (16, {}),
+    "online": (True, {"epochs": 1, "kvb_epochs": 1}),
+    "experience_size": (5, {"online": True, "epochs": 1, "kvb_epochs": 1}),
+    "projection": ("chunk", {"codebooks": 320, "dim_keys": 4}),  # 320 x 4 = 1280 features
+    "decoder": ("linear", {}),
 }
 # the baseline that reads each baseline field (linear_probe for the rest)
 BASELINE = {"hidden": "naive", "buffer_size": "replay", "ewc_lambda": "ewc",
-            "lwf_alpha": "lwf", "lwf_temperature": "lwf"}
+            "lwf_alpha": "lwf", "lwf_temperature": "lwf", "ranpac_dim": "ranpac"}
 # fields whose other value cannot be tried on this machine, or by a real run here
 NOT_RUN = {
     "weights": "needs a second weights file of the same encoder",

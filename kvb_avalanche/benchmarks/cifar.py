@@ -127,14 +127,18 @@ def _layouts_help(name: str, split: str) -> str:
 
 
 # ---------------------------------------------------------------------------- decoding
-def _decode(data: bytes | Path, where: str) -> np.ndarray:
-    """One image file -> (32, 32, 3) uint8 RGB."""
+def _decode(data: bytes | Path, where: str, size: int | None = None) -> np.ndarray:
+    """One image file -> (32, 32, 3) uint8 RGB; with ``size``, any image resized (whole,
+    antialiased bilinear) to (size, size, 3)."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
     except OSError as e:  # PIL.UnidentifiedImageError is an OSError
         raise DataError(f"cannot decode image {where}: {e}") from e
-    if arr.shape != IMAGE_SHAPE:
+    if size is None and arr.shape != IMAGE_SHAPE:
         raise DataError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
     return arr
 
@@ -144,6 +148,7 @@ def _decode_all(
     max_per_class: int | None,
     desc: str,
     progress: bool,
+    size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Sorted (class, file, getter, where) entries -> images, labels, classes."""
     entries = sorted(entries, key=lambda e: (e[0], e[1]))
@@ -157,10 +162,11 @@ def _decode_all(
                 seen[e[0]] += 1
                 kept.append(e)
         entries = kept
-    images = np.empty((len(entries), *IMAGE_SHAPE), dtype=np.uint8)
+    shape = IMAGE_SHAPE if size is None else (size, size, 3)
+    images = np.empty((len(entries), *shape), dtype=np.uint8)
     for i, (_, _, get, where) in enumerate(tqdm(entries, desc=desc, unit="img",
                                                 disable=not progress, leave=False)):
-        images[i] = _decode(get(), where)
+        images[i] = _decode(get(), where, size)
     labels = np.fromiter((index[e[0]] for e in entries), dtype=np.int64, count=len(entries))
     return images, labels, classes
 
@@ -211,7 +217,7 @@ def _from_pickles(folder: Path, name: str, split: str, notes: list[str]) -> _Raw
 
 
 def _from_tree(folder: Path, max_per_class: int | None, progress: bool,
-               notes: list[str]) -> _Raw | None:
+               notes: list[str], size: int | None = None) -> _Raw | None:
     entries = []
     for d in folder.iterdir():
         if not d.is_dir() or _hidden(d.name):
@@ -222,8 +228,24 @@ def _from_tree(folder: Path, max_per_class: int | None, progress: bool,
     if not entries:
         notes.append(f"{folder} holds no <class>/<image> files")
         return None
-    got = _decode_all(entries, max_per_class, f"decoding {folder}", progress)
+    got = _decode_all(entries, max_per_class, f"decoding {folder}", progress, size)
     return _Raw(*got, f"{folder} (ImageFolder tree)")
+
+
+def load_image_tree(folder: Path, *, size: int, max_per_class: int | None = None,
+                    progress: bool = True) -> ImageSplit:
+    """A class-per-folder tree ``folder/<class>/<image>`` of images of any size and mode,
+    each resized to (size, size, 3) RGB; labels index the sorted class folders."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder (expected <class>/<image> folders in it)")
+    notes: list[str] = []
+    got = _from_tree(folder, max_per_class, progress, notes, size)
+    if got is None:
+        raise DataError(f"{folder} holds no <class>/<image> files "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return ImageSplit(got.images, got.labels, got.classes,
+                      data_identity(got.images, got.labels), got.source)
 
 
 def _read_archive(archive: Path, prefix: tuple[str, str], found: dict, prefixes: set,

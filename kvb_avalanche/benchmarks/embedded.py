@@ -20,14 +20,12 @@ from avalanche.benchmarks.scenarios import class_incremental_benchmark
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from kvb_avalanche.benchmarks.cifar import NUM_CLASSES, load_cifar
+from kvb_avalanche.benchmarks.cifar import NUM_CLASSES
 from kvb_avalanche.device import resolve_device
 from kvb_avalanche.encoders import Encoder, build_encoder, cached_embeddings, embed_images
 
 # the preprocessing of this project's own encoders, left out of their cache keys
 DEFAULT_PREPROCESSING = Encoder("", None, 0, "")
-
-KEY_INIT_DATA = ("cifar100", "cifar10", "none")
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +47,12 @@ class DataOptions:
     cache_dir: Path | None = None  # None: default_cache_dir()
     device: str = "cpu"  # see kvb_avalanche.device: auto, cpu, cuda, cuda:N, mps
     progress: bool = True
+
+    @property
+    def data_cache(self) -> Path:
+        """Where decoded images are kept (below the cache folder)."""
+        return (Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()) \
+            / "data"
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,14 +88,15 @@ def embedding_meta(encoder: Encoder, name: str, split: str, data_identity: str,
 def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int | None = None,
                 max_per_class: int | None = None, options: DataOptions = DataOptions()
                 ) -> tuple[Tensor, Tensor, dict]:
-    """(embeddings float32 (n, dim), labels int64 (n,), record) of one CIFAR split, cached.
-    ``resolution`` defaults to the encoder's."""
+    """(embeddings float32 (n, dim), labels int64 (n,), record) of one split of the
+    registered data set ``name``, cached. ``resolution`` defaults to the encoder's."""
+    from kvb_avalanche.benchmarks.registry import DATASETS
+
     cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
     progress = options.progress
     resolution = resolution or encoder.resolution
-    data = load_cifar(name, split, root=options.root, download=options.download,
-                      max_per_class=max_per_class, progress=progress,
-                      cache_dir=cache_dir / "data")
+    data = DATASETS[name].load(split, max_per_class=max_per_class, size=resolution,
+                               options=options)
     device = resolve_device(str(options.device))
     meta = embedding_meta(encoder, name, split, data.identity, resolution, device)
     x, cache_id = cached_embeddings(
@@ -104,7 +109,7 @@ def embed_split(encoder: Encoder, name: str, split: str, *, resolution: int | No
     return x, torch.as_tensor(data.labels, dtype=torch.long), record
 
 
-def embed_cifar(
+def embed_dataset(
     dataset: str,
     *,
     encoder: str | Encoder = "efficientnet_lite0",
@@ -116,14 +121,17 @@ def embed_cifar(
     key_init_max_per_class: int | None = None,
     options: DataOptions = DataOptions(),
 ) -> EmbeddedSplits:
-    """Embed (or load from the cache) ``dataset``'s train and test splits and, unless
-    ``key_init_data`` is None or ``"none"``, the train split of that data set for fitting
-    the keys without labels. Raises ``DataError`` / ``ValueError`` on bad input."""
-    if dataset not in NUM_CLASSES:
-        raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
-    if key_init_data not in (None, *KEY_INIT_DATA):
-        raise ValueError(f"key_init_data must be one of {', '.join(KEY_INIT_DATA)} or None, "
-                         f"got {key_init_data!r}")
+    """Embed (or load from the cache) the registered data set ``dataset``'s train and test
+    splits and, unless ``key_init_data`` is None or ``"none"``, the train split of that data
+    set for fitting the keys without labels. Raises ``DataError`` / ``ValueError`` on bad
+    input."""
+    from kvb_avalanche.benchmarks.registry import DATASETS, key_init_choices
+
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if key_init_data not in (None, *key_init_choices()):
+        raise ValueError(f"key_init_data must be one of {', '.join(key_init_choices())} or "
+                         f"None, got {key_init_data!r}")
     enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights)
     common = dict(resolution=resolution, options=options)
     xtr, ytr, rtr = embed_split(enc, dataset, "train", max_per_class=max_per_class, **common)
@@ -133,12 +141,19 @@ def embed_cifar(
         key_init, _, rkey = embed_split(enc, key_init_data, "train",
                                         max_per_class=key_init_max_per_class, **common)
     return EmbeddedSplits(
-        (xtr, ytr), (xte, yte), key_init, NUM_CLASSES[dataset],
+        (xtr, ytr), (xte, yte), key_init, DATASETS[dataset].num_classes,
         {"name": enc.name, "dim": enc.dim, "weights": enc.weights_id,
          "preprocessing": enc.preprocessing(resolution),
          "device": str(resolve_device(str(options.device)))},
         {f"{dataset}_train": rtr, f"{dataset}_test": rte, "key_init": rkey},
     )
+
+
+def embed_cifar(dataset: str, **kwargs: Any) -> EmbeddedSplits:
+    """:func:`embed_dataset` of ``cifar10`` or ``cifar100``."""
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
+    return embed_dataset(dataset, **kwargs)
 
 
 def tensor_dataset(x: Tensor, y: Tensor) -> TensorDataset:
@@ -154,6 +169,29 @@ def tensor_scenario(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
     return class_incremental_benchmark(
         {"train": tensor_dataset(*train), "test": tensor_dataset(*test)},
         class_order=list(class_order), num_experiences=num_experiences)
+
+
+def domain_scenario(train: Sequence[tuple[Tensor, Tensor, Tensor]],
+                    test: Sequence[tuple[Tensor, Tensor, Tensor]], order: Sequence[int]) -> Any:
+    """A domain-incremental Avalanche benchmark: one experience per domain, in ``order``,
+    from (inputs, labels, domains) tensors (one triple per stream)."""
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+
+    from kvb_avalanche.avalanche_api import tensor_classification_dataset
+
+    def experiences(parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list:
+        x, y, domains = (torch.cat(t) for t in zip(*parts, strict=True))
+        out = []
+        for d in order:
+            rows = domains == d
+            if not rows.any():
+                raise ValueError(f"domain {d} has no rows")
+            out.append(tensor_classification_dataset(x[rows], y[rows], task_labels=0))
+        return out
+
+    return with_classes_timeline(benchmark_from_datasets(train=experiences(train),
+                                                         test=experiences(test)))
 
 
 def class_order(num_classes: int, seed: int | None = None,

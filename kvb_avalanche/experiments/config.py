@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from kvb_avalanche.benchmarks.cifar import NUM_CLASSES
+from kvb_avalanche.benchmarks.registry import BENCHMARKS, key_init_choices
 from kvb_avalanche.experiments.identity import Stage
 
-BENCHMARKS = {"split_cifar10": "cifar10", "split_cifar100": "cifar100"}
-# what each benchmark changes from ExperimentConfig's defaults (the paper's settings)
-BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "split_cifar10": {},
-    "split_cifar100": {"n_experiences": 50, "key_init_data": "cifar10"},
-}
+
+def benchmark_defaults(benchmark: str) -> dict[str, Any]:
+    """What a registered benchmark changes from ExperimentConfig's defaults."""
+    return BENCHMARKS[benchmark].config_defaults()
+
+
+ONLINE = {"epochs": 1, "kvb_epochs": 1}
+"""What ``online`` changes: every strategy sees each training example once."""
 
 
 class ConfigError(ValueError):
@@ -177,11 +179,18 @@ class ExperimentConfig(BaseConfig):
 
     # every field declares the stages whose output it changes (stage=, see identity.py):
     # runs, keys and embeddings are shared exactly where those fields agree
-    benchmark: Literal["split_cifar10", "split_cifar100"] = field(
-        default="split_cifar10", metadata=describe("which split CIFAR benchmark",
-                                                   stage=Stage.EMBEDDINGS))
+    benchmark: str = field(default="split_cifar10", metadata=describe(
+        "a registered benchmark (kvb-avalanche benchmarks lists them)", metavar="NAME",
+        stage=Stage.EMBEDDINGS))
     n_experiences: int = field(default=5, metadata=describe(
-        "experiences the classes are split in", stage=Stage.RUNS, first_experience=True))
+        "experiences the classes (or domains) are split in", stage=Stage.RUNS,
+        first_experience=True))
+    online: bool = field(default=False, metadata=describe(
+        "online: each experience is split into mini-experiences of experience_size examples "
+        "(Avalanche's split_online_stream), seen once (epochs and kvb_epochs 1); accuracy is "
+        "measured at the end of each experience", stage=Stage.RUNS))
+    experience_size: int = field(default=10, metadata=describe(
+        "online: examples a mini-experience", stage=Stage.RUNS))
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=describe(
         "seeds, one run each", stage=Stage.NONE))
     strategies: tuple[str, ...] = field(default_factory=_cifar_strategies, metadata=describe(
@@ -210,10 +219,10 @@ class ExperimentConfig(BaseConfig):
         "use at most this many training images per class", stage=Stage.EMBEDDINGS))
     test_max_per_class: int | None = field(default=None, metadata=describe(
         "use at most this many test images per class", stage=Stage.EMBEDDINGS))
-    key_init_data: Literal["cifar100", "cifar10", "none"] = field(
+    key_init_data: str = field(
         default="cifar100", metadata=describe(
-            "unlabelled data the keys are fitted on ('none': the first experience)",
-            stage=Stage.KEYS, embedded=True))
+            "a data set whose train split, unlabelled, the keys are fitted on ('none': the "
+            "first experience)", metavar="DATA", stage=Stage.KEYS, embedded=True))
     key_init_max_per_class: int | None = field(default=None, metadata=describe(
         "use at most this many key-initialisation images per class", stage=Stage.KEYS,
         embedded=True))
@@ -228,6 +237,14 @@ class ExperimentConfig(BaseConfig):
     dim_values: int | None = field(default=None, metadata=describe(
         "KVB value dimension (default and, with the voting decoder, only: the class count)",
         stage=Stage.KEYS))
+    projection: Literal["random", "chunk"] = field(default="random", metadata=describe(
+        "how an embedding is split into the codebooks' heads: random (fixed Gaussian "
+        "projections, the paper's default) or chunk (consecutive slices: dim_keys x "
+        "codebooks must equal the embedding size)", stage=Stage.KEYS))
+    decoder: Literal["voting", "linear", "mlp"] = field(default="voting", metadata=describe(
+        "KVB's decoder: voting (the paper's non-parametric mean of the fetched values), "
+        "linear or mlp (trained heads on the concatenated values)",
+        stage=Stage.BOTTLENECK_RUNS))
     topk: int = field(default=1, metadata=describe(  # the code cache holds topk keys
         "keys fetched per codebook", stage=Stage.KEYS))
     kvb_lr: float = field(default=0.3, metadata=describe(
@@ -258,8 +275,9 @@ class ExperimentConfig(BaseConfig):
         "baselines' Adam learning rate", stage=Stage.BASELINE_RUNS))
     batch_size: int = field(default=256, metadata=describe(  # key fitting's batches too
         "training batch size (all strategies)", stage=(Stage.KEYS, Stage.RUNS)))
-    hidden: int = field(default=128, metadata=describe(
-        "MLP head hidden units", stage=Stage.BASELINE_RUNS))
+    hidden: int = field(default=128, metadata=describe(  # KVB's mlp decoder reads it too
+        "hidden units of the baselines' MLP heads and of KVB's mlp decoder",
+        stage=Stage.RUNS))
     buffer_size: int = field(default=200, metadata=describe(
         "replay buffer size", stage=Stage.BASELINE_RUNS))
     ewc_lambda: float = field(default=1000.0, metadata=describe(
@@ -275,20 +293,23 @@ class ExperimentConfig(BaseConfig):
     @classmethod
     def for_benchmark(cls, benchmark: str, **changes: Any) -> ExperimentConfig:
         """The defaults of ``benchmark`` (split CIFAR-100: 50 experiences of 2 classes, keys
-        fitted on CIFAR-10, as the paper), with ``changes`` over them."""
-        if benchmark not in BENCHMARK_DEFAULTS:
-            raise ConfigError("benchmark", f"{{benchmark}} must be one of "
-                              f"{', '.join(BENCHMARK_DEFAULTS)}, got {benchmark!r}")
-        return cls.from_dict({"benchmark": benchmark, **BENCHMARK_DEFAULTS[benchmark],
-                              **changes})
+        fitted on CIFAR-10, as the paper; online: one epoch), with ``changes`` over them."""
+        _check_benchmark(benchmark)
+        return cls.from_dict({"benchmark": benchmark, **benchmark_defaults(benchmark),
+                              **(ONLINE if changes.get("online") else {}), **changes})
 
     @property
-    def dataset(self) -> str:
+    def spec(self) -> Any:
+        """The registered benchmark class (:mod:`kvb_avalanche.benchmarks.registry`)."""
         return BENCHMARKS[self.benchmark]
 
     @property
+    def dataset(self) -> str:
+        return self.spec.dataset
+
+    @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
+        return self.spec.num_classes
 
     @property
     def values_dim(self) -> int:
@@ -299,6 +320,7 @@ class ExperimentConfig(BaseConfig):
         from kvb_avalanche.encoders import check_encoder
         from kvb_avalanche.experiments.strategies import STRATEGIES
 
+        _check_benchmark(self.benchmark)
         _known_strategies(self, STRATEGIES)
         for name, check in (("encoder", check_encoder), ("device", check_device)):
             try:
@@ -307,24 +329,31 @@ class ExperimentConfig(BaseConfig):
                 raise ConfigError(name, f"{{{name}}}: {e}") from e
         _positive(self, "n_experiences", "kvb_epochs", "epochs", "batch_size", "buffer_size",
                   "codebooks", "num_pairs", "dim_keys", "dim_values", "topk", "resolution",
-                  "hidden", "ranpac_dim", "max_per_class", "test_max_per_class",
-                  "key_init_max_per_class", "kmeans_samples")
+                  "hidden", "ranpac_dim", "experience_size", "max_per_class",
+                  "test_max_per_class", "key_init_max_per_class", "kmeans_samples")
         for name in ("key_epochs", "kmeans_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"{{{name}}} must be >= 0, got {getattr(self, name)}")
         for name in ("kvb_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"{{{name}}} must be > 0, got {getattr(self, name)}")
-        if self.num_classes % self.n_experiences:
-            raise ConfigError("n_experiences", f"{{n_experiences}} must divide the "
-                              f"{self.num_classes} classes, got {self.n_experiences}")
+        if (why := self.spec.check_split(self.n_experiences)) is not None:
+            raise ConfigError("n_experiences", f"{{n_experiences}} of {self.benchmark} {why}")
+        if self.key_init_data not in key_init_choices():
+            raise ConfigError("key_init_data", f"{{key_init_data}} must be a registered data "
+                              f"set or 'none' ({', '.join(key_init_choices())}), got "
+                              f"{self.key_init_data!r}")
+        if self.online and (self.epochs, self.kvb_epochs) != (1, 1):
+            raise ConfigError("epochs", "an {online} stream is seen once: {epochs} and "
+                              f"{{kvb_epochs}} must be 1, got {self.epochs} and "
+                              f"{self.kvb_epochs}", ["online", "kvb_epochs"])
         if self.topk > self.num_pairs:
             raise ConfigError("topk", f"{{topk}} ({self.topk}) must be <= {{num_pairs}} "
                               f"({self.num_pairs})", ["num_pairs"])
-        if self.values_dim != self.num_classes:
+        if self.decoder == "voting" and self.values_dim != self.num_classes:
             raise ConfigError("dim_values", f"{{dim_values}} must equal the number of classes "
-                              f"({self.num_classes}) with the voting decoder, got "
-                              f"{self.dim_values}")
+                              f"({self.num_classes}) with the voting {{decoder}}, got "
+                              f"{self.dim_values}", ["decoder"])
         if self.weights is not None and not self.weights.is_file():
             raise ConfigError("weights", f"{{weights}} {self.weights}: no such file")
 
@@ -333,14 +362,21 @@ QUICK = dict(max_per_class=100, test_max_per_class=50, key_init_max_per_class=20
              codebooks=32, num_pairs=256, dim_keys=8, kvb_epochs=30, kvb_lr=10.0, epochs=20,
              batch_size=32, key_epochs=2, kmeans_samples=2000, buffer_size=50)
 """``--quick``: a one-minute end-to-end run on 100 images a class (tests, a first look)."""
-QUICK_BENCHMARK: dict[str, dict[str, Any]] = {
-    "split_cifar100": {"n_experiences": 10},  # 100 images a class: 10 experiences of 10
-}
 
 
 def quick(benchmark: str) -> dict[str, Any]:
-    """The ``--quick`` values for ``benchmark``, the same for an experiment and a sweep."""
-    return {**QUICK, **QUICK_BENCHMARK.get(benchmark, {})}
+    """The ``--quick`` values for ``benchmark`` (with what the benchmark declares for it),
+    the same for an experiment and a sweep."""
+    _check_benchmark(benchmark)
+    return {**QUICK, **BENCHMARKS[benchmark].quick}
+
+
+def _check_benchmark(name: str) -> None:
+    if name not in BENCHMARKS:
+        close = difflib.get_close_matches(str(name), list(BENCHMARKS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError("benchmark", f"{{benchmark}} must be a registered benchmark{hint}: "
+                          f"{', '.join(BENCHMARKS)}; got {name!r}")
 
 @dataclass(frozen=True)
 class ToyConfig(BaseConfig):

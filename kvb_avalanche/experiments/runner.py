@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from avalanche.benchmarks.scenarios import split_online_stream
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import BaseLogger, CSVLogger, InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin
@@ -35,8 +36,7 @@ from kvb_avalanche.benchmarks.embedded import (
     DataOptions,
     EmbeddedSplits,
     class_order,
-    embed_cifar,
-    tensor_scenario,
+    embed_dataset,
 )
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.checkpoint import maybe_load_checkpoint, save_checkpoint
@@ -120,6 +120,7 @@ def run_stream(
     checkpoint: Path | None = None,
     state: dict | None = None,
     checkpoint_every: float = 0.0,
+    online: int | None = None,
 ) -> tuple[list[MatrixRow], float]:
     """Train on each experience in turn, evaluating the whole test stream after each.
 
@@ -129,6 +130,8 @@ def run_stream(
     fills, e.g. from ``after_experience``) are saved there after an experience once
     ``checkpoint_every`` seconds have passed since the last save (0: after every one); a
     checkpoint found at the start is resumed from, restoring them (``state`` in place).
+    With ``online`` (a mini-experience size), each experience is trained as Avalanche's
+    ``split_online_stream`` of it (shuffled by the seed), still evaluated after its end.
     """
     rows: list[MatrixRow] = []
     train_seconds, start_at = 0.0, 0
@@ -145,7 +148,12 @@ def run_stream(
         if t < start_at:
             continue
         start = time.perf_counter()
-        strategy.train(experience, eval_streams=[])
+        if online is None:
+            strategy.train(experience, eval_streams=[])
+        else:
+            for mini in split_online_stream([experience], online, shuffle=True,
+                                            seed=seed * 1_000 + t):
+                strategy.train(mini, eval_streams=[])
         train_seconds += time.perf_counter() - start
         if after_experience is not None:
             after_experience(t)
@@ -215,7 +223,12 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         check_resolution(encoder, config.resolution)
     except ValueError as e:
         raise ConfigError("resolution", f"{{resolution}}: {e}") from e
-    return embed_cifar(
+    if config.projection == "chunk" and config.codebooks * config.dim_keys != encoder.dim:
+        raise ConfigError("projection", f"{{projection}} chunk splits the encoder's "
+                          f"{encoder.dim} features: {{codebooks}} x {{dim_keys}} must be "
+                          f"{encoder.dim}, got {config.codebooks} x {config.dim_keys}",
+                          ["codebooks", "dim_keys"])
+    return embed_dataset(
         config.dataset, encoder=encoder,
         resolution=config.resolution, max_per_class=config.max_per_class,
         test_max_per_class=config.test_max_per_class,
@@ -234,8 +247,9 @@ def device_of(config: ExperimentConfig) -> torch.device:
 
 
 def seed_class_order(config: ExperimentConfig, seed: int) -> list[int]:
-    """0 .. classes-1, or with ``shuffle_classes`` a permutation seeded by ``seed``."""
-    return class_order(config.num_classes, seed if config.shuffle_classes else None)
+    """The experiences' order: classes (or domains) 0 .. n-1, or with ``shuffle_classes`` a
+    permutation seeded by ``seed``."""
+    return class_order(config.spec.order_size(), seed if config.shuffle_classes else None)
 
 
 def new_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int
@@ -243,8 +257,8 @@ def new_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int
     """The seed's bottleneck before its keys are fitted (projection drawn from the seed)."""
     return KeyValueBottleneck(data.dim, config.codebooks, config.num_pairs, config.dim_keys,
                               config.values_dim, topk=config.topk, values_init="zeros",
-                              seed=seed, mask_unused_keys=config.mask_unused_keys,
-                              sparse_grad=True,
+                              projection=config.projection, seed=seed,
+                              mask_unused_keys=config.mask_unused_keys, sparse_grad=True,
                               key_init="random" if config.key_init == "official" else "kmeans")
 
 
@@ -259,9 +273,9 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     bn = new_bottleneck(config, data, seed)
     x = data.key_init
     if x is None:
-        per_experience = config.num_classes // config.n_experiences
-        first = torch.tensor(seed_class_order(config, seed)[:per_experience])
-        x = data.train[0][torch.isin(data.train[1], first)]
+        order = seed_class_order(config, seed)
+        x = data.train[0][config.spec.first_experience(data.train[1], order,
+                                                       config.n_experiences)]
     perm = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
     batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
     if config.key_init == "official":
@@ -269,7 +283,7 @@ def fit_bottleneck(config: ExperimentConfig, data: EmbeddedSplits, seed: int,
     else:
         fit = KeyFitConfig(epochs=config.key_epochs, kmeans_samples=config.kmeans_samples,
                            kmeans_iters=config.kmeans_iters, seed=seed)
-    model = KVBModel(None, bn, VotingDecoder(config.num_classes))
+    model = KVBModel(None, bn, VotingDecoder(config.values_dim))  # (no decoder is trained)
     device = device_of(config)
     KVBPlugin(key_init_loader=batches, key_fit=fit, progress=progress).prepare(
         model.to(device), device=device)
@@ -327,7 +341,7 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     """
     spec = STRATEGIES[strategy_name]
     order = seed_class_order(config, seed)
-    stream = tensor_scenario(data.train, data.test, order, config.n_experiences)
+    stream = config.spec.stream(data.train, data.test, order, config.n_experiences)
     checkpoint = store.checkpoint(strategy_name, seed) if store and not spec.joint else None
     resuming = checkpoint is not None and checkpoint.exists()
     seed_run(seed)
@@ -349,15 +363,16 @@ def run_split(config: ExperimentConfig, data: EmbeddedSplits, strategy_name: str
     strategy = spec.build(ctx)
     try:
         if spec.joint:  # i.i.d. upper bound: all classes at once, then the same evaluation
-            joint = tensor_scenario(data.train, data.test, order, 1)
+            joint = config.spec.joint_stream(data.train, data.test, order)
             start = time.perf_counter()
             strategy.train(joint.train_stream[0], eval_streams=[])
             train_seconds = time.perf_counter() - start
             rows = evaluate(strategy, stream, strategy_name, seed, config.n_experiences - 1)
         else:
-            rows, train_seconds = run_stream(strategy, stream, strategy_name, seed,
-                                             checkpoint=checkpoint,
-                                             checkpoint_every=checkpoint_every)
+            rows, train_seconds = run_stream(
+                strategy, stream, strategy_name, seed, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                online=config.experience_size if config.online else None)
     finally:
         for logger in strategy.evaluator.loggers:
             if isinstance(logger, CSVLogger | MetricsCSVLogger):
@@ -469,8 +484,9 @@ def versions() -> dict:
     return out
 
 
-def split_title(config: ExperimentConfig) -> str:
-    return config.benchmark.replace("split_cifar", "split CIFAR-")
+def split_title(benchmark: str) -> str:
+    """A benchmark's name for figure titles (split CIFAR-10, split_fmnist ...)."""
+    return benchmark.replace("split_cifar", "split CIFAR-")
 
 
 def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | None = None
@@ -484,10 +500,11 @@ def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | No
     # more seeds or strategies grow the folder; any other field must match its runs'
     store = RunStore(out, config.to_dict(), options.overwrite, frame=point_frame)
     store.check()
+    code = versions()  # the code as the run starts (embedding may take minutes)
     bench = Workbench(options, keys_dir=store.checkpoints / "keys")
     data = bench.data(config)
     store.open({"kind": config.kind, "options": {k: str(v) for k, v in vars(options).items()},
-                "device": str(device), "versions": versions(), "encoder": data.encoder,
+                "device": str(device), "versions": code, "encoder": data.encoder,
                 "data": data.record})
     records = []
     for seed in config.seeds:
@@ -502,8 +519,9 @@ def run_experiment(config: ExperimentConfig, out: Path, options: RunOptions | No
     # every run is stored: the keys were kept for resuming only (80 MB a seed at 256 x 4096)
     shutil.rmtree(bench.keys_dir, ignore_errors=True)
     joint = {s for s in config.strategies if STRATEGIES[s].joint}
-    return write_split_reports(out, records, list(STRATEGIES), joint, split_title(config),
-                               config.num_classes)
+    title = split_title(config.benchmark) + (" (online)" if config.online else "")
+    return write_split_reports(out, records, list(STRATEGIES), joint, title,
+                               config.num_classes, config.spec.setting)
 
 
 # ---------------------------------------------------------------------------- the 2-D toy

@@ -2,7 +2,7 @@
 
 A spec has the shape of the paper's official sweep files (wandb's)::
 
-    experiment: split_cifar10        # or split_cifar100
+    experiment: split_cifar10        # any registered benchmark (kvb-avalanche benchmarks)
     preset: quick                    # optional: start from the --quick configuration
     parameters:
       codebooks: {values: [64, 256]} # swept
@@ -24,15 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvb_avalanche.benchmarks.registry import BENCHMARKS
 from kvb_avalanche.experiments.config import (
-    BENCHMARK_DEFAULTS,
+    ONLINE,
     ConfigError,
     ExperimentConfig,
+    benchmark_defaults,
     quick,
 )
 from kvb_avalanche.experiments.strategies import BUILTIN
 
-EXPERIMENTS = ("split_cifar10", "split_cifar100")
 PRESETS = {"quick": quick}  # preset -> its values for an experiment
 SEED_KEYS, STRATEGY_KEYS = ("seed", "seeds"), ("strategy", "strategies")
 
@@ -75,14 +76,16 @@ class SweepSpec:
         for name, values in self.grid.items():
             out = [{**p, name: v} for p in out for v in values]
         preset = PRESETS[self.preset](self.experiment) if self.preset else {}
-        base = {**BENCHMARK_DEFAULTS[self.experiment], **preset,
-                **self.fixed,
-                "benchmark": self.experiment, "seeds": list(self.seeds),
-                "strategies": list(self.strategies)}
+        base = {**benchmark_defaults(self.experiment), **preset}
+        run = {"benchmark": self.experiment, "seeds": list(self.seeds),
+               "strategies": list(self.strategies)}
         configs = []
         for point in out:
+            given = {**self.fixed, **point}
+            online = ONLINE if given.get("online") else {}  # one pass, unless said otherwise
             try:
-                configs.append((point, ExperimentConfig.from_dict({**base, **point})))
+                configs.append((point, ExperimentConfig.from_dict({**base, **online, **given,
+                                                                   **run})))
             except ConfigError as e:
                 raise ConfigError(e.field, f"parameters at {point_name(point)}: {e.template}",
                                   e._names) from e
@@ -125,9 +128,9 @@ def parse_spec(raw: Any, where: str = "spec") -> SweepSpec:
             raise ConfigError(str(key), f"{where}: unknown entry {key!r}; the entries are "
                               f"{', '.join(sorted(allowed))}")
     experiment = raw.get("experiment", "split_cifar10")
-    if experiment not in EXPERIMENTS:
-        raise ConfigError("experiment", f"{where}: experiment must be one of "
-                          f"{', '.join(EXPERIMENTS)}, got {experiment!r}")
+    if experiment not in BENCHMARKS:
+        raise ConfigError("experiment", f"{where}: experiment must be a registered benchmark "
+                          f"({', '.join(BENCHMARKS)}), got {experiment!r}")
     if raw.get("method", "grid") != "grid":
         raise ConfigError("method", f"{where}: only method 'grid' is supported, got "
                           f"{raw['method']!r}")

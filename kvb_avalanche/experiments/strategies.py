@@ -31,7 +31,7 @@ from torch import nn
 
 from kvb_avalanche.baselines import FeCAMStrategy, NCMStrategy, RanPACStrategy, SimpleCILStrategy
 from kvb_avalanche.bottleneck import KeyValueBottleneck
-from kvb_avalanche.decoders import VotingDecoder
+from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder
 from kvb_avalanche.experiments.identity import Stage
 from kvb_avalanche.keys import KeyFitConfig
 from kvb_avalanche.model import KVBModel
@@ -153,10 +153,25 @@ class StrategyRegistry(Mapping[str, StrategySpec]):
 STRATEGIES = StrategyRegistry("split CIFAR", entry_points="kvb_avalanche.strategies")
 
 
+def kvb_decoder(config: Any, codebooks: int, dim_values: int, num_classes: int) -> nn.Module:
+    """The configuration's decoder: voting (the paper's), linear or mlp (``hidden`` units)."""
+    if getattr(config, "decoder", "voting") == "voting":
+        return VotingDecoder(num_classes)
+    if config.decoder == "linear":
+        return LinearDecoder(codebooks, dim_values, num_classes)
+    return MLPDecoder(codebooks, dim_values, num_classes, hidden=config.hidden)
+
+
 def _kvb(ctx: BuildContext) -> SupervisedTemplate:
-    model = KVBModel(None, ctx.bottleneck, VotingDecoder(ctx.num_classes))
-    cfg = ctx.config
-    return KVBStrategy(model=model, lr=cfg.kvb_lr, train_epochs=cfg.kvb_epochs, cache_codes=False,
+    cfg, bn = ctx.config, ctx.bottleneck
+    model = KVBModel(None, bn, kvb_decoder(cfg, bn.codebooks, bn.dim_values, ctx.num_classes))
+    optimizer = None  # the voting decoder: SparseSGD on the values, the paper's
+    if list(model.decoder.parameters()):  # a trained decoder learns at the values' lr
+        optimizer = torch.optim.SGD([{"params": [bn.values]},
+                                     {"params": list(model.decoder.parameters())}],
+                                    lr=cfg.kvb_lr)
+    return KVBStrategy(model=model, lr=cfg.kvb_lr, optimizer=optimizer,
+                       train_epochs=cfg.kvb_epochs, cache_codes=False,
                        plugins=[ctx.codes] if ctx.codes is not None else [], **ctx.common())
 
 
