@@ -71,6 +71,12 @@ class NCM(NCMClassifier):
         super().update_class_means_dict(class_means_dict, momentum)
         self.seen[[int(k) for k in class_means_dict]] = True
 
+    def set_class_means(self, means: dict[int, Tensor]) -> None:
+        """Replace the means of the classes in ``means`` (the others stay)."""
+        self.class_means_dict.update(means)
+        self._vectorize_means_dict()
+        self.seen[list(means)] = True
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, "NCM")
@@ -104,6 +110,17 @@ class FeCAM(FeCAMClassifier):
     def replace_class_cov_dict(self, class_cov_dict: dict) -> None:
         super().replace_class_cov_dict(class_cov_dict)
         self._inverse = {}
+
+    def set_class_statistics(self, means: dict[int, Tensor], covs: dict[int, Tensor]) -> None:
+        """Replace the means and covariances of the classes given (the others, and their
+        cached inverses, stay)."""
+        self.class_means_dict.update(means)
+        self.class_cov_dict.update(covs)
+        self._vectorize_means_dict()
+        self._vectorize_cov_dict()
+        for c in covs:
+            self._inverse.pop(c, None)
+        self.seen[list(means)] = True
 
     def apply_transforms(self, features: Tensor) -> Tensor:
         if self.tukey and self.tukey1 != 0 and bool((features < 0).any()):
@@ -261,15 +278,14 @@ class ClassMeansUpdate(ExperienceFeaturesUpdate):
     def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
         head = strategy.model.eval_classifier
         x = F.normalize(x, dim=1) if head.normalize else x
+        means = {}
         for c in y.unique().tolist():
             rows = x[y == c].double()
             self.sums[c] = self.sums.get(c, 0) + rows.sum(0)
             self.counts[c] = self.counts.get(c, 0) + len(rows)
-        means = {c: (self.sums[c] / self.counts[c]).float() for c in self.sums}
-        if head.normalize:
-            means = {c: m / m.norm() for c, m in means.items()}
-        head.replace_class_means_dict(means)
-        head.seen[list(means)] = True
+            mean = (self.sums[c] / self.counts[c]).float()
+            means[c] = mean / mean.norm() if head.normalize else mean
+        head.set_class_means(means)
 
 
 class ClassCovariancesUpdate(ExperienceFeaturesUpdate):
@@ -285,18 +301,16 @@ class ClassCovariancesUpdate(ExperienceFeaturesUpdate):
     def update(self, strategy: Any, x: Tensor, y: Tensor) -> None:
         head = strategy.model.eval_classifier
         x = head.apply_transforms(x)
-        for c in y.unique().tolist():
+        means, covs = {}, {}
+        for c in y.unique().tolist():  # only the classes this experience brings change
             rows = x[y == c].double()  # (n, dim)
             n, total, outer = self.stats.get(c, (0, 0, 0))
-            self.stats[c] = (n + len(rows), total + rows.sum(0), outer + rows.T @ rows)
-        means, covs = {}, {}
-        for c, (n, total, outer) in self.stats.items():
+            n, total, outer = n + len(rows), total + rows.sum(0), outer + rows.T @ rows
+            self.stats[c] = (n, total, outer)
             mean = total / n
             means[c] = mean.float()
             covs[c] = ((outer - n * torch.outer(mean, mean)) / max(n - 1, 1)).float()
-        head.replace_class_means_dict(means)
-        head.replace_class_cov_dict(head.apply_cov_transforms(covs))
-        head.seen[list(means)] = True
+        head.set_class_statistics(means, head.apply_cov_transforms(covs))
 
 
 class RidgeUpdate(ExperienceFeaturesUpdate):
