@@ -274,3 +274,24 @@ def test_the_projection_field_refuses_a_chunking_that_does_not_fit_before_any_wo
                                           r"features: codebooks x dim_keys must be 1280"):
         run_experiment(config, tmp_path / "out", RunOptions(data_root=SHARED, progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_users_benchmark_travels_with_a_pickled_configuration_to_a_worker(tmp_path):
+    """What a Ray task or a SLURM job gets: a worker that never imported the module that
+    registered the benchmark still runs its configuration."""
+    import cloudpickle
+    import user_benchmarks
+
+    cloudpickle.register_pickle_by_value(user_benchmarks)  # as --import modules travel
+    try:
+        blob = cloudpickle.dumps(ExperimentConfig.for_benchmark("split_shapes", **SMALL))
+    finally:
+        cloudpickle.unregister_pickle_by_value(user_benchmarks)
+    (tmp_path / "config.pkl").write_bytes(blob)
+    worker = ("import pickle, sys; c = pickle.load(open(sys.argv[1], 'rb')); "
+              "assert 'user_benchmarks' not in sys.modules; "
+              "print(c.benchmark, c.num_classes, c.spec.setting, c.n_experiences)")
+    done = subprocess.run([sys.executable, "-c", worker, str(tmp_path / "config.pkl")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["split_shapes", "4", "class-incremental", "2"]

@@ -251,6 +251,14 @@ def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
     return cls
 
 
+def adopt(cls: type[Benchmark]) -> None:
+    """Register a benchmark class that arrived with a pickled configuration (a sweep's
+    worker, whose process never imported the module that registered it); one registered
+    under its name already is kept."""
+    if cls.name not in BENCHMARKS:
+        register_benchmark(cls)
+
+
 def key_init_choices() -> tuple[str, ...]:
     """What ``key_init_data`` may name: a registered data set's train split, or 'none'."""
     return (*DATASETS, "none")

@@ -298,6 +298,12 @@ class ExperimentConfig(BaseConfig):
         return cls.from_dict({"benchmark": benchmark, **benchmark_defaults(benchmark),
                               **(ONLINE if changes.get("online") else {}), **changes})
 
+    def __reduce__(self) -> tuple:
+        # the benchmark's class travels with a pickled configuration (by value when its
+        # module is pickled by value, as --import modules are on Ray and SLURM), so that a
+        # worker that never imported a user's benchmark module knows it
+        return _restore, (type(self), dict(self.__dict__), BENCHMARKS[self.benchmark])
+
     @property
     def spec(self) -> Any:
         """The registered benchmark class (:mod:`kvb_avalanche.benchmarks.registry`)."""
@@ -369,6 +375,18 @@ def quick(benchmark: str) -> dict[str, Any]:
     the same for an experiment and a sweep."""
     _check_benchmark(benchmark)
     return {**QUICK, **BENCHMARKS[benchmark].quick}
+
+
+def _restore(cls: type, state: dict, benchmark: Any) -> Any:
+    """A pickled ExperimentConfig: its benchmark adopted, its fields as they were (already
+    validated where it was made; a worker learns the strategies it names after this)."""
+    from kvb_avalanche.benchmarks.registry import adopt
+
+    adopt(benchmark)
+    config = object.__new__(cls)
+    for name, value in state.items():
+        object.__setattr__(config, name, value)
+    return config
 
 
 def _check_benchmark(name: str) -> None:
