@@ -221,3 +221,21 @@ def test_a_class_that_comes_back_gets_its_exact_mean():
     xn = torch.nn.functional.normalize(x[y == 0], dim=1).double().mean(0)
     torch.testing.assert_close(strategy.model.eval_classifier.class_means_dict[0],
                                (xn / xn.norm()).float())
+
+
+def test_fecam_keeps_a_batchs_distances_only_while_their_classes_statistics_stay(stream):
+    """The test stream is scored after every experience; the distances to classes whose
+    statistics did not change are kept, and equal those computed afresh."""
+    strategy = trained(FeCAMStrategy, stream, 0)
+    head = strategy.model.eval_classifier
+    xt = stream[1][0]
+    before = head(xt)
+    for experience in stream[3].train_stream[1:]:
+        strategy.train(experience)
+    strategy.model.eval()
+    kept = head(xt)
+    head._scores.clear()  # noqa: SLF001 (computed afresh)
+    torch.testing.assert_close(kept, head(xt), rtol=0, atol=0)
+    first = stream[2][:2]
+    assert not torch.equal(before, kept)  # the new classes are scored, the old ones kept
+    torch.testing.assert_close(before[:, first], kept[:, first], rtol=0, atol=0)
