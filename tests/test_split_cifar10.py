@@ -154,7 +154,8 @@ def _bad_weights(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--strategies", "kvb", "icarl"], "unknown strategy 'icarl'"),
     (["--encoder", "vit"], "--encoder: unknown encoder 'vit'"),
-    (["--key-init-data", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--key-init-data", "imagenet"], "--key-init-data must be a registered data set or "
+                                      "'none' (cifar10, cifar100, fmnist, "),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),
     (["--buffer-size", "0"], "--buffer-size must be a positive integer"),

@@ -261,4 +261,4 @@ def adopt(cls: type[Benchmark]) -> None:
 
 def key_init_choices() -> tuple[str, ...]:
     """What ``key_init_data`` may name: a registered data set's train split, or 'none'."""
-    return (*DATASETS, "none")
+    return (*sorted(DATASETS), "none")
