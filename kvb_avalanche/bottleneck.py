@@ -1,6 +1,7 @@
 """The discrete key-value bottleneck (Träuble et al., ICML 2023, arXiv 2207.11240).
 
-An embedding is projected by C fixed random projections into C low-dimensional heads.
+An embedding is projected by C fixed projections (random, chunks, or a rotation learned
+with the keys on unlabelled data, then chunks) into C low-dimensional heads.
 Each head looks up its nearest key(s) in its own codebook of ``num_pairs`` keys and
 fetches the value code paired with that key. Keys are fitted without labels (EMA
 k-means, see :mod:`kvb_avalanche.keys`) and then frozen; only the values that a batch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from kvb_avalanche.sparse import coalesced_fetch_grad, count_fetches, fetch_rows
 
-Projection = Literal["random", "chunk"]
+Projection = Literal["random", "chunk", "learned"]
 ValuesInit = Literal["zeros", "randn"]
 KeyInit = Literal["kmeans", "random"]
 
@@ -63,11 +64,16 @@ class KeyValueBottleneck(nn.Module):
         dim_embed: size of the input embeddings.
         codebooks: number of codebooks C (heads).
         num_pairs: keys (and values) per codebook.
-        dim_keys: size of each head after projection. With ``projection="chunk"`` it
-            must equal ``dim_embed / codebooks`` (the embedding is split in chunks).
+        dim_keys: size of each head after projection. With ``projection="chunk"`` or
+            ``"learned"`` it must equal ``dim_embed / codebooks`` (the embedding is split in
+            chunks).
         dim_values: size of each value code (the number of classes for a voting decoder).
         topk: number of nearest keys fetched per codebook.
-        projection: ``"random"`` (fixed Gaussian, seeded) or ``"chunk"`` (split).
+        projection: ``"random"`` (fixed Gaussian, seeded), ``"chunk"`` (split), or
+            ``"learned"``: chunks of the embedding rotated by an orthogonal matrix that
+            :func:`kvb_avalanche.keys.fit_keys` learns with the keys, on the same unlabelled
+            data, to minimise their quantisation error (OPQ, Ge et al., CVPR 2013), and
+            frozen with them. Until then it is the identity (``"chunk"``).
         values_init: ``"zeros"`` or ``"randn"`` (scaled by ``values_init_std``).
         key_init: ``"kmeans"`` (keys must be fitted before use, see
             :func:`kvb_avalanche.keys.fit_keys`) or ``"random"`` (Gaussian keys, usable
@@ -110,15 +116,17 @@ class KeyValueBottleneck(nn.Module):
             _check_positive_int(name, value)
         if topk > num_pairs:
             raise ValueError(f"topk must be <= num_pairs ({num_pairs}), got {topk}")
-        if projection not in ("random", "chunk"):
-            raise ValueError(f"projection must be 'random' or 'chunk', got {projection!r}")
+        if projection not in ("random", "chunk", "learned"):
+            raise ValueError(f"projection must be 'random', 'chunk' or 'learned', got "
+                             f"{projection!r}")
         if values_init not in ("zeros", "randn"):
             raise ValueError(f"values_init must be 'zeros' or 'randn', got {values_init!r}")
         if key_init not in ("kmeans", "random"):
             raise ValueError(f"key_init must be 'kmeans' or 'random', got {key_init!r}")
-        if projection == "chunk" and dim_embed != codebooks * dim_keys:
+        if projection in ("chunk", "learned") and dim_embed != codebooks * dim_keys:
             raise ValueError(
-                f"projection='chunk' splits the embedding into codebooks chunks: dim_keys must "
+                f"projection={projection!r} splits the embedding into codebooks chunks: "
+                f"dim_keys must "
                 f"be dim_embed / codebooks = {dim_embed}/{codebooks}, got dim_keys={dim_keys}"
             )
         self.dim_embed, self.codebooks, self.num_pairs = dim_embed, codebooks, num_pairs
@@ -191,6 +199,26 @@ class KeyValueBottleneck(nn.Module):
                 "so fit them first (kvb_avalanche.keys.fit_keys, or KVBPlugin / KVBStrategy "
                 "which do it before the first experience)"
             )
+
+    @torch.no_grad()
+    def set_rotation(self, rotation: Tensor) -> None:
+        """``projection="learned"``: heads become chunks of ``x @ rotation``.
+
+        rotation: (dim_embed, dim_embed), orthogonal; its columns ``c * dim_keys ..`` make
+        codebook c's projection.
+        """
+        if self.projection_kind != "learned":
+            raise ValueError(f"set_rotation needs projection='learned', this bottleneck's is "
+                             f"{self.projection_kind!r}")
+        if bool(self.keys_frozen):
+            raise RuntimeError("keys are frozen (freeze_keys() was called): the projection "
+                               "that decides their codes cannot change")
+        d = self.dim_embed
+        if tuple(rotation.shape) != (d, d):
+            raise ValueError(f"rotation must be ({d}, {d}), got {tuple(rotation.shape)}")
+        # (dim_embed, (codebooks dim_keys)) -> (codebooks, dim_embed, dim_keys)
+        chunks = rotation.reshape(d, self.codebooks, self.dim_keys).permute(1, 0, 2)
+        self.projection.copy_(chunks.to(self.projection.dtype))
 
     # ------------------------------------------------------------------ lookup
     def project(self, x: Tensor) -> Tensor:

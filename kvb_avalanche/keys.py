@@ -10,6 +10,7 @@ k-means, so the first EMA step drags every key towards the origin and codes coll
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class KeyFitConfig:
         kmeans_start: start from Lloyd k-means on up to ``kmeans_samples`` embeddings.
         kmeans_iters: Lloyd iterations (0: the keys stay the sampled embeddings).
         kmeans_samples: embeddings gathered from the loader for the Lloyd start.
+        rotation_iters: with ``projection="learned"``, alternations of an orthogonal
+            Procrustes step and a Lloyd step that learn the rotation (OPQ) before the keys
+            are fitted as for any projection.
         seed: seeds the Lloyd start and the dead-code replacement.
     """
 
@@ -46,6 +50,7 @@ class KeyFitConfig:
     kmeans_start: bool = True
     kmeans_iters: int = 10
     kmeans_samples: int = 20_000
+    rotation_iters: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +62,9 @@ class KeyFitConfig:
             raise ValueError("eps and dead_code_threshold must be >= 0")
         if self.kmeans_iters < 0 or self.kmeans_samples < 1:
             raise ValueError("kmeans_iters must be >= 0 and kmeans_samples >= 1")
+        if not isinstance(self.rotation_iters, int) or self.rotation_iters < 0:
+            raise ValueError(f"rotation_iters must be a non-negative integer, got "
+                             f"{self.rotation_iters!r}")
 
     @classmethod
     def official(cls, epochs: int, seed: int = 0) -> KeyFitConfig:
@@ -105,7 +113,14 @@ def lloyd_start(
         jitter = torch.randn(keys.shape, generator=generator).to(keys.device)
         keys = keys + 1e-3 * keys.std() * jitter
     bn.keys.copy_(keys)
-    counts = sums = None
+    lloyd_steps(bn, z, iters, progress)
+
+
+@torch.no_grad()
+def lloyd_steps(bn: KeyValueBottleneck, z: Tensor, iters: int, progress: bool = False) -> None:
+    """``iters`` Lloyd iterations from the current keys on heads z (n, codebooks, dim_keys),
+    then an EMA state consistent with the keys."""
+    counts = None
     for _ in tqdm(range(iters), desc="fitting keys (Lloyd k-means start)", disable=not progress):
         idx = bn.nearest(z, topk=1).indices[..., 0]  # (n, codebooks)
         counts, sums = _assign_stats(z, idx, bn.num_pairs)
@@ -115,8 +130,62 @@ def lloyd_start(
     if counts is None:  # iters=0: keys stay the sampled points; assign once for the EMA state
         counts, _ = _assign_stats(z, bn.nearest(z, topk=1).indices[..., 0], bn.num_pairs)
     # EMA state as per-sample fractions, consistent with the keys (empty clusters: count 0).
-    bn.ema_counts.copy_(counts / n)
+    bn.ema_counts.copy_(counts / z.shape[0])
     bn.ema_sums.copy_(bn.keys * bn.ema_counts[..., None])
+
+
+def quantisation_error(bn: KeyValueBottleneck, x: Tensor) -> float:
+    """Mean squared distance of the heads of embeddings x (n, dim_embed) to their nearest
+    keys, summed over codebooks."""
+    return bn.nearest(bn.project(x), topk=1).distances[..., 0].sum(-1).mean().item()
+
+
+def pca_allocation(x: Tensor, codebooks: int) -> Tensor:
+    """OPQ's parametric rotation (dim, dim), float64: the principal axes of x (n, dim),
+    dealt to ``codebooks`` equal chunks by eigenvalue allocation, so that the product of
+    each chunk's variances is about equal (largest first, each to the chunk with the
+    smallest product that still has room)."""
+    x64 = x.to(torch.float64)
+    variances, axes = torch.linalg.eigh(torch.cov(x64.T))  # ascending
+    dim = x.shape[1]
+    size = dim // codebooks
+    log_products = [0.0] * codebooks
+    members: list[list[int]] = [[] for _ in range(codebooks)]
+    for axis in reversed(range(dim)):  # largest variance first
+        open_ = [c for c in range(codebooks) if len(members[c]) < size]
+        chunk = min(open_, key=lambda c: (log_products[c], c))
+        members[chunk].append(axis)
+        log_products[chunk] += math.log(max(variances[axis].item(), 1e-12))
+    return axes[:, [a for chunk in members for a in chunk]]
+
+
+@torch.no_grad()
+def learn_rotation(bn: KeyValueBottleneck, x: Tensor, cfg: KeyFitConfig,
+                   generator: torch.Generator, progress: bool = False) -> list[float]:
+    """Learn ``projection="learned"``'s rotation on unlabelled embeddings x (n, dim_embed):
+    OPQ (Ge et al., CVPR 2013). Start from its parametric solution (:func:`pca_allocation`),
+    then alternate a Lloyd step on the rotated chunks and the orthogonal Procrustes solution
+    ``R = argmin ||x R - q(x R)||`` (``U V^T`` of ``x^T q``'s SVD); neither step raises the
+    quantisation error. Returns it before each Procrustes step and at the end."""
+    rotation = pca_allocation(x, bn.codebooks)
+    bn.set_rotation(rotation)
+    lloyd_start(bn, bn.project(x), cfg.kmeans_iters, generator)
+    errors = []
+    x64 = x.to(torch.float64)
+    for _ in tqdm(range(cfg.rotation_iters), desc="learning the projection (OPQ)",
+                  disable=not progress):
+        z = bn.project(x)  # (n, codebooks, dim_keys)
+        idx = bn.nearest(z, topk=1).indices[..., 0]  # (n, codebooks)
+        errors.append((z - bn.keys[torch.arange(bn.codebooks), idx]).square().sum((1, 2))
+                      .mean().item())
+        # the nearest keys, laid out as rotation's columns: (n, (codebooks dim_keys))
+        target = bn.keys[torch.arange(bn.codebooks), idx].reshape(len(x), -1)
+        u, _, vh = torch.linalg.svd(x64.T @ target.to(torch.float64))
+        rotation = u @ vh
+        bn.set_rotation(rotation)
+        lloyd_steps(bn, bn.project(x), 1)
+    errors.append(quantisation_error(bn, x))
+    return errors
 
 
 @torch.no_grad()
@@ -173,17 +242,34 @@ def fit_keys(
         bn.check_embeddings(x, name="key-initialisation embeddings")
         return bn.project(x.reshape(-1, bn.dim_embed))
 
-    if cfg.kmeans_start:
+    def gather(transform) -> Tensor:
         gathered, n = [], 0
         for batch in loader:
-            gathered.append(heads(batch))
+            gathered.append(transform(batch))
             n += gathered[-1].shape[0]
             if n >= cfg.kmeans_samples:
                 break
         if not gathered:
             raise ValueError("the key-initialisation loader yielded no batch")
-        lloyd_start(bn, torch.cat(gathered)[: cfg.kmeans_samples], cfg.kmeans_iters, generator,
-                    progress)
+        return torch.cat(gathered)[: cfg.kmeans_samples]
+
+    rotation_errors = None
+    if bn.projection_kind == "learned":
+        def embeddings(batch) -> Tensor:
+            heads(batch)  # (checks the embeddings)
+            return _embeddings(batch).to(device).reshape(-1, bn.dim_embed).float()
+
+        start_state = [t.clone() for t in (bn.keys, bn.ema_counts, bn.ema_sums)]
+        rotation_errors = learn_rotation(bn, gather(embeddings), cfg,
+                                         torch.Generator().manual_seed(cfg.seed), progress)
+        # the keys are then fitted on the learned projection as on any other
+        for buffer, saved in zip((bn.keys, bn.ema_counts, bn.ema_sums), start_state,
+                                 strict=True):
+            buffer.copy_(saved)
+        log.info("learned the projection: quantisation error %.4g -> %.4g over %d "
+                 "iterations", rotation_errors[0], rotation_errors[-1], cfg.rotation_iters)
+    if cfg.kmeans_start:
+        lloyd_start(bn, gather(heads), cfg.kmeans_iters, generator, progress)
     bn.keys_initialized.fill_(True)
     per_epoch, steps, samples = [], 0, 0
     for epoch in tqdm(range(cfg.epochs), desc="fitting keys (EMA k-means)",
@@ -207,6 +293,9 @@ def fit_keys(
     stats = {"ema_steps": steps, "keys_replaced": sum(per_epoch),
              "keys_replaced_per_epoch": per_epoch, "keys_in_use": usage,
              "seconds": time.perf_counter() - start}
+    if rotation_errors is not None:
+        stats["rotation_errors"] = rotation_errors
     bn.fit_stats = stats  # travels with the bottleneck (copies, checkpoints), for the metrics
-    log.info("fitted keys: %s", {k: v for k, v in stats.items() if k != "keys_replaced_per_epoch"})
+    log.info("fitted keys: %s", {k: v for k, v in stats.items()
+                                 if k not in ("keys_replaced_per_epoch", "rotation_errors")})
     return stats

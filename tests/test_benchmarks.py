@@ -266,12 +266,14 @@ def test_an_online_run_trains_on_mini_experiences_and_evaluates_at_the_boundarie
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
-def test_the_projection_field_refuses_a_chunking_that_does_not_fit_before_any_work(tmp_path):
+@pytest.mark.parametrize("projection", ["chunk", "learned"])
+def test_the_projection_field_refuses_a_chunking_that_does_not_fit_before_any_work(tmp_path,
+                                                                                   projection):
     from kvb_avalanche.experiments.runner import RunOptions, run_experiment
 
-    config = ExperimentConfig(**{**SMALL, "projection": "chunk", "codebooks": 8})
-    with pytest.raises(ConfigError, match=r"projection chunk splits the encoder's 1280 "
-                                          r"features: codebooks x dim_keys must be 1280"):
+    config = ExperimentConfig(**{**SMALL, "projection": projection, "codebooks": 8})
+    with pytest.raises(ConfigError, match=rf"projection {projection} splits the encoder's "
+                                          r"1280 features: codebooks x dim_keys must be 1280"):
         run_experiment(config, tmp_path / "out", RunOptions(data_root=SHARED, progress=False))
     assert not (tmp_path / "out").exists()
 

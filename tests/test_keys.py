@@ -145,3 +145,57 @@ def test_official_preset_makes_the_official_codes_step_in_batch_count_units():
                                rtol=1e-3, atol=1e-6)
     assert keys[3].item() in z.flatten().tolist()  # the dead key restarts on a batch head
     torch.testing.assert_close(bn.ema_sums[0, 3, 0], keys[3] * 0.16 / batch)
+
+
+def test_pca_allocation_deals_the_principal_axes_so_each_chunks_variance_product_balances():
+    from kvb_avalanche.keys import pca_allocation
+
+    variances = torch.tensor([16.0, 8.0, 4.0, 3.0, 1.0, 0.5])
+    x = torch.randn(40_000, 6, generator=torch.Generator().manual_seed(0)) * variances.sqrt()
+    rotation = pca_allocation(x, codebooks=2)  # (6, 6)
+    # by hand, largest first to the chunk with the smallest product that has room:
+    # 16 -> a; 8 -> b; 4 -> b (8 < 16); 3 -> a (16 < 32); 1 -> b (32 < 48); 0.5 -> a (b is
+    # full): chunk a = axes 0, 3, 5 and chunk b = axes 1, 2, 4
+    assert rotation.abs().argmax(0).tolist() == [0, 3, 5, 1, 2, 4]
+    assert torch.allclose(rotation.T @ rotation, torch.eye(6, dtype=torch.float64), atol=1e-12)
+
+
+def _learned_fit(x, seed=0):
+    bn = KeyValueBottleneck(4, 2, 8, 2, 3, projection="learned")
+    stats = fit_keys(bn, [x[i : i + 200] for i in range(0, len(x), 200)],
+                     KeyFitConfig(epochs=1, seed=seed), progress=False)
+    return bn, stats
+
+
+def test_a_learned_projection_is_an_orthogonal_rotation_that_lowers_the_quantisation_error():
+    from kvb_avalanche.keys import quantisation_error
+
+    # the variance sits in the first chunk: chunking wastes the second codebook
+    x = torch.randn(4000, 4, generator=torch.Generator().manual_seed(0)) \
+        * torch.tensor([3.0, 2.0, 0.1, 0.1])
+    chunk = KeyValueBottleneck(4, 2, 8, 2, 3, projection="chunk")
+    fit_keys(chunk, [x[i : i + 200] for i in range(0, 4000, 200)], KeyFitConfig(epochs=1),
+             progress=False)
+    learned, stats = _learned_fit(x)
+    rotation = learned.projection.permute(1, 0, 2).reshape(4, 4).double()  # (dim, dim)
+    assert torch.allclose(rotation.T @ rotation, torch.eye(4, dtype=torch.float64), atol=1e-6)
+    errors = stats["rotation_errors"]
+    assert len(errors) == 11 and all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]
+    assert quantisation_error(learned, x) < 0.4 * quantisation_error(chunk, x)
+    again, _ = _learned_fit(x)
+    assert torch.equal(again.projection, learned.projection) and torch.equal(again.keys,
+                                                                               learned.keys)
+    learned.freeze_keys()
+    with pytest.raises(RuntimeError, match="keys are frozen"):
+        learned.set_rotation(torch.eye(4))
+
+
+@pytest.mark.parametrize("projection, rotation, message", [
+    ("random", torch.eye(4), "set_rotation needs projection='learned'"),
+    ("learned", torch.eye(3), r"rotation must be \(4, 4\), got \(3, 3\)"),
+])
+def test_set_rotation_refuses_another_projection_or_shape(projection, rotation, message):
+    bn = KeyValueBottleneck(4, 2, 8, 2, 3, projection=projection)
+    with pytest.raises(ValueError, match=message):
+        bn.set_rotation(rotation)

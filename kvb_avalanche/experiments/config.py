@@ -237,10 +237,11 @@ class ExperimentConfig(BaseConfig):
     dim_values: int | None = field(default=None, metadata=describe(
         "KVB value dimension (default and, with the voting decoder, only: the class count)",
         stage=Stage.KEYS))
-    projection: Literal["random", "chunk"] = field(default="random", metadata=describe(
+    projection: Literal["random", "chunk", "learned"] = field(default="random", metadata=describe(
         "how an embedding is split into the codebooks' heads: random (fixed Gaussian "
-        "projections, the paper's default) or chunk (consecutive slices: dim_keys x "
-        "codebooks must equal the embedding size)", stage=Stage.KEYS))
+        "projections, the paper's default), chunk (consecutive slices), or learned (slices "
+        "of a rotation learned with the keys on the key-initialisation data, OPQ); chunk "
+        "and learned need dim_keys x codebooks = the embedding size", stage=Stage.KEYS))
     decoder: Literal["voting", "linear", "mlp"] = field(default="voting", metadata=describe(
         "KVB's decoder: voting (the paper's non-parametric mean of the fetched values), "
         "linear or mlp (trained heads on the concatenated values)",

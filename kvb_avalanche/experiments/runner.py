@@ -223,8 +223,10 @@ def embed_data(config: ExperimentConfig, options: RunOptions) -> EmbeddedSplits:
         check_resolution(encoder, config.resolution)
     except ValueError as e:
         raise ConfigError("resolution", f"{{resolution}}: {e}") from e
-    if config.projection == "chunk" and config.codebooks * config.dim_keys != encoder.dim:
-        raise ConfigError("projection", f"{{projection}} chunk splits the encoder's "
+    if config.projection in ("chunk", "learned") and \
+            config.codebooks * config.dim_keys != encoder.dim:
+        raise ConfigError("projection", f"{{projection}} {config.projection} splits the "
+                          f"encoder's "
                           f"{encoder.dim} features: {{codebooks}} x {{dim_keys}} must be "
                           f"{encoder.dim}, got {config.codebooks} x {config.dim_keys}",
                           ["codebooks", "dim_keys"])
