@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 import torch
 from conftest import blob_embeddings
@@ -180,7 +182,7 @@ def test_a_learned_projection_is_an_orthogonal_rotation_that_lowers_the_quantisa
     rotation = learned.projection.permute(1, 0, 2).reshape(4, 4).double()  # (dim, dim)
     assert torch.allclose(rotation.T @ rotation, torch.eye(4, dtype=torch.float64), atol=1e-6)
     errors = stats["rotation_errors"]
-    assert len(errors) == 11 and all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:]))
+    assert len(errors) == 11 and all(b <= a * (1 + 1e-5) for a, b in pairwise(errors))
     assert errors[-1] < errors[0]
     assert quantisation_error(learned, x) < 0.4 * quantisation_error(chunk, x)
     again, _ = _learned_fit(x)
