@@ -108,6 +108,11 @@ class FeCAM(FeCAMClassifier):
         self._version = torch.zeros(num_classes, dtype=torch.long)
         self._scores: dict[bytes, tuple[Tensor, Tensor]] = {}  # batch -> versions, scores
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a checkpoint) without the kept inverses and scores, which are derived
+        and can be recomputed: on split CIFAR-100 they passed pickle's 4 GiB limit."""
+        return {**super().__getstate__(), "_inverse": {}, "_scores": {}}
+
     def update_class_cov_dict(self, class_cov_dict: dict, momentum: float = 0.5) -> None:
         super().update_class_cov_dict(class_cov_dict, momentum)
         self._inverse = {}

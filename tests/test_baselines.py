@@ -239,3 +239,18 @@ def test_fecam_keeps_a_batchs_distances_only_while_their_classes_statistics_stay
     first = stream[2][:2]
     assert not torch.equal(before, kept)  # the new classes are scored, the old ones kept
     torch.testing.assert_close(before[:, first], kept[:, first], rtol=0, atol=0)
+
+
+def test_a_pickled_fecam_leaves_its_kept_inverses_and_scores_behind_and_scores_the_same(stream):
+    """A checkpoint pickles the strategy: the derived caches stay out of it (on split
+    CIFAR-100 they passed pickle's 4 GiB limit), and the copy recomputes equal scores."""
+    import pickle
+
+    head = trained(FeCAMStrategy, stream).model.eval_classifier
+    xt = stream[1][0]
+    scores = head(xt)
+    assert head._inverse and head._scores  # noqa: SLF001
+    copy = pickle.loads(pickle.dumps(head))
+    assert copy._inverse == {} and copy._scores == {}  # noqa: SLF001
+    assert head._inverse and head._scores  # noqa: SLF001 (the original keeps them)
+    torch.testing.assert_close(copy(xt), scores, rtol=0, atol=0)
