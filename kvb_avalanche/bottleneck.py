@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kvb_avalanche.search import fused_available, fused_nearest, keys_layout
 from kvb_avalanche.sparse import coalesced_fetch_grad, count_fetches, fetch_rows
 
 Projection = Literal["random", "chunk", "learned"]
@@ -229,11 +230,16 @@ class KeyValueBottleneck(nn.Module):
     def nearest(self, z: Tensor, topk: int | None = None, mask: Tensor | None = None) -> Lookup:
         """Nearest keys by squared L2 for projected heads ``z`` (batch, codebooks, dim_keys).
 
-        One batched matmul per block of codebooks, sized to stay under ``chunk_bytes``;
-        never builds a (codebooks, batch, pairs, dim_keys) tensor nor an autograd graph.
+        With ``topk`` 1 on the CPU in float32: the fused distance + argmin kernel
+        (:mod:`kvb_avalanche.search`). Otherwise one batched matmul per block of codebooks,
+        sized to stay under ``chunk_bytes``; never builds a (codebooks, batch, pairs,
+        dim_keys) tensor nor an autograd graph.
         ``mask`` (codebooks, num_pairs) bool excludes keys where False.
         """
         topk = self.topk if topk is None else topk
+        if topk == 1 and fused_available(z, self.keys):
+            indices, distances = fused_nearest(z, *self._keys_layout(), mask=mask)
+            return Lookup(indices[..., None], distances[..., None])
         batch = z.shape[0]
         z = z.transpose(0, 1)  # (codebooks, batch, dim_keys)
         key_sq = self.keys.pow(2).sum(-1, keepdim=True).transpose(1, 2)  # (codebooks, 1, pairs)
@@ -260,6 +266,21 @@ class KeyValueBottleneck(nn.Module):
         # sums them) in the same order whichever way the codes came
         return Lookup(indices.transpose(0, 1).contiguous(),
                       distances.transpose(0, 1).clamp_min_(0).contiguous())
+
+    def _keys_layout(self) -> tuple[Tensor, Tensor]:
+        """The fused search's layout of the keys, redone only when the keys changed."""
+        stamp = (id(self.keys), self.keys.data_ptr(), self.keys._version)
+        if getattr(self, "_layout_stamp", None) != stamp:
+            self._layout = keys_layout(self.keys, getattr(self, "_layout", None))
+            self._layout_stamp = stamp
+        return self._layout
+
+    def __getstate__(self) -> dict:
+        """Pickles (checkpoints, copies) without the search's derived key layout."""
+        state = self.__dict__.copy()
+        state.pop("_layout", None)
+        state.pop("_layout_stamp", None)
+        return state
 
     def lookup(self, x: Tensor) -> Lookup:
         """Nearest keys for embeddings x (batch, dim_embed) -> indices (batch, codebooks, topk)."""

@@ -199,7 +199,7 @@ def ema_step(
     bn.ema_sums.mul_(cfg.decay).add_(sums / z.shape[0], alpha=1 - cfg.decay)
     total = bn.ema_counts.sum(-1, keepdim=True)  # (codebooks, 1)
     smoothed = (bn.ema_counts + cfg.eps) / (total + bn.num_pairs * cfg.eps) * total
-    bn.keys.copy_(bn.ema_sums / smoothed[..., None].clamp_min(1e-12))
+    torch.div(bn.ema_sums, smoothed[..., None].clamp_min(1e-12), out=bn.keys)
     dead = bn.ema_counts < cfg.dead_code_threshold / bn.num_pairs  # (codebooks, pairs)
     n_dead = int(dead.sum())
     if n_dead:

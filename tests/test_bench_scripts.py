@@ -28,10 +28,14 @@ def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
     floor = bench[(bench.impl == "floor") & (bench.case == "small")]
     assert (floor.ratio_to_floor == 1).all()
     targets = pd.read_csv(tmp_path / "targets.csv", keep_default_na=False)
-    assert list(targets.columns) == ["target", "value", "goal", "status"]
+    assert list(targets.columns) == ["target", "value", "goal", "status", "cpu"]
     assert set(targets.status) <= {"PASS", "FAIL", "n/a", "INFO"}
-    speedup = targets[targets.target.str.contains("EMA key update step")]
+    assert targets.cpu.nunique() == 1 and targets.cpu.iloc[0]  # the CPU every timing ran on
+    speedup = targets[targets.target.str.contains("EMA key update step, official")]
     assert len(speedup) == 1 and speedup.status.iloc[0] in {"PASS", "FAIL"}
+    limit = targets[targets.target.str.contains("EMA key update step .*/ FLOP limit$")]
+    assert len(limit) == 1 and float(limit.value.iloc[0]) > 0  # ratio to the same run's matmul
+    assert limit.status.iloc[0] in {"PASS", "FAIL"}
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="needs CIFAR under ../shared/data")
