@@ -18,6 +18,9 @@ method's paper does on a frozen pretrained backbone:
   from Gram matrices accumulated over every experience so far; the ridge ``λ`` is chosen
   for each experience on a held-out 20 % of its data, from RanPAC's grid 1e-8 .. 1e13.
 
+SLDA stays Avalanche's ``StreamingLDA``; :class:`BatchedStreamingLDA` updates its very
+statistics a batch at a time instead of a sample at a time.
+
 Every classifier scores all ``num_classes`` classes; a class that no experience has shown
 yet scores below every seen class (Avalanche's own classifiers give unseen classes a zero
 prototype, which can win).
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.models import FeCAMClassifier, NCMClassifier, TrainEvalModel
 from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.supervised import StreamingLDA
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
@@ -387,6 +391,70 @@ class ClosedFormTemplate(SupervisedTemplate):
 
     def training_epoch(self, **kwargs: Any) -> None:
         """No gradient steps: the update plugin reads the experience after training."""
+
+
+class BatchedStreamingLDA(StreamingLDA):
+    """Avalanche's ``StreamingLDA`` whose update takes a batch in closed form.
+
+    Avalanche's ``fit`` takes one sample at a time: ``Sigma <- (t Sigma + t/(t+1) d d^T)
+    / (t+1)`` with ``d = x - muK[y]`` (the class's running mean before the sample, ``t``
+    the samples seen before), then the running mean and counts. Over a batch that is
+    ``t' Sigma' = t Sigma + D^T diag(t_i / (t_i + 1)) D``, where row ``i`` of ``D`` is the
+    sample minus its class's mean over everything before it (the earlier samples of the
+    batch included), and the class means become the means of all their samples: the same
+    statistics, in one matrix product (float64) instead of a (dim, dim) update per sample.
+    Scoring is Avalanche's.
+    """
+
+    CHUNK = 1024  # samples per closed-form update
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        for batch in self.dataloader:
+            self.mbatch = batch
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+            self.loss = self._make_empty_loss()
+            self._before_forward(**kwargs)
+            self.mb_output, feats = self.forward(return_features=True)
+            self._after_forward(**kwargs)
+            self.loss += self.criterion()
+            self._before_update(**kwargs)
+            self.fit_batch(feats, self.mb_y)
+            self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+    @torch.no_grad()
+    def fit_batch(self, x: Tensor, y: Tensor) -> None:
+        """Add samples x (batch, dim) of labels y (batch,) as ``fit`` would one by one."""
+        _check_features(x, "SLDA")
+        n = x.shape[0]
+        if n > self.CHUNK:  # the (batch, batch) same-label matrix stays small
+            for start in range(0, n, self.CHUNK):
+                self.fit_batch(x[start : start + self.CHUNK], y[start : start + self.CHUNK])
+            return
+        if n == 0:
+            return
+        x64, y = x.double(), y.long()
+        onehot = F.one_hot(y, self.muK.shape[0]).double()  # (batch, classes)
+        counts = self.cK.double()  # (classes,)
+        sums = self.muK.double() * counts[:, None]  # (classes, dim)
+        if self.streaming_update_sigma:
+            # earlier samples of the batch with the same label: (batch, batch), j < i
+            same = (onehot @ onehot.T).tril(-1)
+            before = counts[y] + same.sum(1)  # (batch,) the class's samples before i
+            mean_before = (sums[y] + same @ x64) / before.clamp_min(1)[:, None]
+            d = x64 - mean_before  # the class's mean is 0 before its first sample
+            t = self.num_updates + torch.arange(n, dtype=torch.float64, device=x.device)
+            scatter = (d * (t / (t + 1))[:, None]).T @ d
+            total = self.num_updates + n
+            self.Sigma = ((self.num_updates * self.Sigma.double() + scatter) / total).to(
+                self.Sigma.dtype)
+        new_counts = counts + onehot.sum(0)
+        new_sums = sums + onehot.T @ x64
+        seen = new_counts > 0
+        self.muK[seen] = (new_sums[seen] / new_counts[seen, None]).to(self.muK.dtype)
+        self.cK.copy_(new_counts.to(self.cK.dtype))
+        self.num_updates += n
 
 
 def _need_positive(**values: int) -> None:

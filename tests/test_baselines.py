@@ -254,3 +254,33 @@ def test_a_pickled_fecam_leaves_its_kept_inverses_and_scores_behind_and_scores_t
     assert copy._inverse == {} and copy._scores == {}  # noqa: SLF001
     assert head._inverse and head._scores  # noqa: SLF001 (the original keeps them)
     torch.testing.assert_close(copy(xt), scores, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch", [7, 32, 2000])
+def test_batched_slda_keeps_avalanches_streaming_lda_statistics(stream, batch):
+    """Avalanche's StreamingLDA, one sample at a time, is the reference: the batched update
+    gives its class means, counts and covariance on the same stream, and its predictions."""
+    from avalanche.training.supervised import StreamingLDA
+
+    from kvb_avalanche.baselines import BatchedStreamingLDA
+
+    train, test, _, scenario = stream
+
+    def run(cls):
+        torch.manual_seed(0)  # the same shuffled order: the streaming estimate depends on it
+        strategy = cls(slda_model=torch.nn.Identity(), criterion=torch.nn.CrossEntropyLoss(),
+                       input_size=DIM, num_classes=CLASSES, shrinkage_param=1e-4,
+                       train_mb_size=batch, eval_mb_size=64, train_epochs=1,
+                       evaluator=EvaluationPlugin(loggers=[]))
+        for experience in scenario.train_stream[:2]:  # a class comes in mid-stream
+            strategy.train(experience)
+        return strategy
+
+    ours, reference = run(BatchedStreamingLDA), run(StreamingLDA)
+    assert ours.num_updates == reference.num_updates == 4 * PER_CLASS
+    assert torch.equal(ours.cK, reference.cK) and ours.cK.sum() == 4 * PER_CLASS
+    torch.testing.assert_close(ours.muK, reference.muK, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.Sigma, reference.Sigma, rtol=1e-4, atol=1e-5)
+    assert ours.Sigma.abs().max() > 0.1  # a real covariance, not the initial ones or zeros
+    x = test[0]
+    assert torch.equal(ours.predict(x).argmax(1), reference.predict(x).argmax(1))

@@ -25,11 +25,17 @@ from typing import Any
 
 import torch
 from avalanche.training.plugins import EvaluationPlugin
-from avalanche.training.supervised import EWC, LwF, Naive, Replay, StreamingLDA
+from avalanche.training.supervised import EWC, LwF, Naive, Replay
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from kvb_avalanche.baselines import FeCAMStrategy, NCMStrategy, RanPACStrategy, SimpleCILStrategy
+from kvb_avalanche.baselines import (
+    BatchedStreamingLDA,
+    FeCAMStrategy,
+    NCMStrategy,
+    RanPACStrategy,
+    SimpleCILStrategy,
+)
 from kvb_avalanche.bottleneck import KeyValueBottleneck
 from kvb_avalanche.decoders import LinearDecoder, MLPDecoder, VotingDecoder
 from kvb_avalanche.experiments.identity import Stage
@@ -217,7 +223,7 @@ def _lwf(ctx: BuildContext) -> SupervisedTemplate:
 
 @STRATEGIES.register("slda", reads=Stage.BASELINE_RUNS)
 def _slda(ctx: BuildContext) -> SupervisedTemplate:
-    return StreamingLDA(slda_model=nn.Identity(), criterion=nn.CrossEntropyLoss(),
+    return BatchedStreamingLDA(slda_model=nn.Identity(), criterion=nn.CrossEntropyLoss(),
                         input_size=ctx.dim, num_classes=ctx.num_classes, shrinkage_param=1e-4,
                         train_epochs=1, **ctx.common())
 
