@@ -256,7 +256,9 @@ def child(case: str, impl: str, repeats: int) -> dict:
     z = fit_bn.project(x)
     g, cfg = torch.Generator().manual_seed(0), KeyFitConfig()
     record("key_update", lambda: ema_step(fit_bn, z, cfg, g))
-    record("key_search", lambda: fit_bn.nearest(z, topk=1))  # the fused distance + argmin
+    fit_bn.search = "fused"  # the fused distance + argmin (kvb_avalanche.search)
+    record("key_update_fused", lambda: ema_step(fit_bn, z, cfg, g))
+    record("key_search_fused", lambda: fit_bn.nearest(z, topk=1))
     # training epochs of one experience through KVBStrategy: from cached codes, and
     # recomputing the lookups every step (fewer repeats: each takes seconds)
     for name, cache, replay, fused, n in (
@@ -428,13 +430,18 @@ def main(argv: list[str] | None = None) -> None:
         info = floor_info[case]
         ideal_ms = info["distance_gflop"] / info["matmul_gflops"] * 1000
         target(f"{case}: nearest-key search of the key fit (fused distance + argmin) / FLOP "
-               "limit", ms(case, "ours", "key_search") / ideal_ms, "report", lambda v: True)
+               "limit", ms(case, "ours", "key_search_fused") / ideal_ms, "report",
+               lambda v: True)
         targets[-1]["status"] = "INFO"
-        target(f"{case}: EMA key update step (search, statistics, dead-code replacement) / "
-               "FLOP limit", ms(case, "ours", "key_update") / ideal_ms, "<= 2",
-               lambda v: v <= 2)
-        target(f"{case}: EMA key update step / FLOP limit (stretch)",
-               ms(case, "ours", "key_update") / ideal_ms, "<= 1.3", lambda v: v <= 1.3)
+        target(f"{case}: EMA key update step, fused search (search, statistics, dead-code "
+               "replacement) / FLOP limit", ms(case, "ours", "key_update_fused") / ideal_ms,
+               "<= 2", lambda v: v <= 2)
+        target(f"{case}: EMA key update step, fused search / FLOP limit (stretch)",
+               ms(case, "ours", "key_update_fused") / ideal_ms, "<= 1.3", lambda v: v <= 1.3)
+        target(f"{case}: EMA key update step, matmul search / fused search",
+               ms(case, "ours", "key_update") / ms(case, "ours", "key_update_fused"), "report",
+               lambda v: True)
+        targets[-1]["status"] = "INFO"
     target(f"{case}: EMA key update step, official / ours",
            ms(case, "official", "key_update") / ms(case, "ours", "key_update"), ">= 3",
            lambda v: v >= 3)

@@ -424,6 +424,20 @@ class BatchedStreamingLDA(StreamingLDA):
             self._after_training_iteration(**kwargs)
 
     @torch.no_grad()
+    def predict(self, X: Tensor) -> Tensor:  # noqa: N803 - Avalanche's signature
+        """Avalanche's scores. Its ``Lambda``, the pseudo-inverse of the shrunk covariance,
+        is redone after every update, which in training is every batch (the template scores
+        each batch before fitting it): taken here by the symmetric eigensolver
+        (``hermitian=True``) instead of a general SVD, the same matrix, several times faster."""
+        if self.prev_num_updates != self.num_updates:
+            eye = torch.eye(self.input_size, device=self.device)
+            self.Lambda = torch.linalg.pinv(
+                (1 - self.shrinkage_param) * self.Sigma + self.shrinkage_param * eye,
+                hermitian=True)
+            self.prev_num_updates = self.num_updates
+        return super().predict(X)
+
+    @torch.no_grad()
     def fit_batch(self, x: Tensor, y: Tensor) -> None:
         """Add samples x (batch, dim) of labels y (batch,) as ``fit`` would one by one."""
         _check_features(x, "SLDA")

@@ -86,6 +86,12 @@ class KeyValueBottleneck(nn.Module):
         sparse_grad: give ``values`` a sparse gradient holding only the fetched rows (use
             plain SGD, which takes sparse gradients; KVBStrategy clips them too).
         chunk_bytes: memory bound of the distance block in the key search.
+        search: ``"matmul"`` (batched matmul in ``chunk_bytes`` blocks, then argmin) or
+            ``"fused"`` (:mod:`kvb_avalanche.search`: distances and argmin in one pass, on
+            the CPU in float32 with ``topk`` 1; 1.4x faster key fits at the paper's scale).
+            Their codes agree up to rounding-level ties, which a key fit amplifies: KVB's
+            split CIFAR-10 accuracy moves by about 0.002, so ``"matmul"`` stays the default
+            until the committed results are regenerated with ``"fused"``.
     """
 
     def __init__(
@@ -104,8 +110,12 @@ class KeyValueBottleneck(nn.Module):
         mask_unused_keys: bool = False,
         sparse_grad: bool = False,
         chunk_bytes: int = 8 * 2**20,
+        search: Literal["matmul", "fused"] = "matmul",
     ) -> None:
         super().__init__()
+        if search not in ("matmul", "fused"):
+            raise ValueError(f"search must be 'matmul' or 'fused', got {search!r}")
+        self.search = search
         for name, value in [
             ("dim_embed", dim_embed),
             ("codebooks", codebooks),
@@ -230,14 +240,15 @@ class KeyValueBottleneck(nn.Module):
     def nearest(self, z: Tensor, topk: int | None = None, mask: Tensor | None = None) -> Lookup:
         """Nearest keys by squared L2 for projected heads ``z`` (batch, codebooks, dim_keys).
 
-        With ``topk`` 1 on the CPU in float32: the fused distance + argmin kernel
-        (:mod:`kvb_avalanche.search`). Otherwise one batched matmul per block of codebooks,
-        sized to stay under ``chunk_bytes``; never builds a (codebooks, batch, pairs,
-        dim_keys) tensor nor an autograd graph.
+        With ``search="fused"``, ``topk`` 1, on the CPU in float32: the fused distance +
+        argmin kernel (:mod:`kvb_avalanche.search`). Otherwise one batched matmul per block
+        of codebooks, sized to stay under ``chunk_bytes``; never builds a (codebooks,
+        batch, pairs, dim_keys) tensor nor an autograd graph.
         ``mask`` (codebooks, num_pairs) bool excludes keys where False.
         """
         topk = self.topk if topk is None else topk
-        if topk == 1 and fused_available(z, self.keys):
+        fused = getattr(self, "search", "matmul") == "fused"  # (bottlenecks pickled before it)
+        if fused and topk == 1 and fused_available(z, self.keys):
             indices, distances = fused_nearest(z, *self._keys_layout(), mask=mask)
             return Lookup(indices[..., None], distances[..., None])
         batch = z.shape[0]

@@ -33,7 +33,7 @@ def test_bench_bottleneck_small_case_writes_bench_and_targets(tmp_path):
     assert targets.cpu.nunique() == 1 and targets.cpu.iloc[0]  # the CPU every timing ran on
     speedup = targets[targets.target.str.contains("EMA key update step, official")]
     assert len(speedup) == 1 and speedup.status.iloc[0] in {"PASS", "FAIL"}
-    limit = targets[targets.target.str.contains("EMA key update step .*/ FLOP limit$")]
+    limit = targets[targets.target.str.contains("EMA key update step, fused .*/ FLOP limit$")]
     assert len(limit) == 1 and float(limit.value.iloc[0]) > 0  # ratio to the same run's matmul
     assert limit.status.iloc[0] in {"PASS", "FAIL"}
 

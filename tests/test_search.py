@@ -60,11 +60,11 @@ def test_fused_search_does_not_depend_on_the_number_of_threads():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_the_bottleneck_search_agrees_with_its_matmul_search(monkeypatch):
-    bn = KeyValueBottleneck(64, 16, 300, 6, 4, key_init="random")
+def test_the_bottleneck_search_agrees_with_its_matmul_search():
+    bn = KeyValueBottleneck(64, 16, 300, 6, 4, key_init="random", search="fused")
     z = bn.project(torch.randn(200, 64, generator=torch.Generator().manual_seed(1)))
     fused = bn.nearest(z, topk=1)
-    monkeypatch.setattr("kvb_avalanche.bottleneck.fused_available", lambda *a: False)
+    bn.search = "matmul"
     matmul = bn.nearest(z, topk=1)
     assert fused.indices.shape == matmul.indices.shape == (200, 16, 1)
     assert (fused.indices == matmul.indices).float().mean() > 0.999
@@ -74,7 +74,7 @@ def test_the_bottleneck_search_agrees_with_its_matmul_search(monkeypatch):
 def test_the_key_layout_follows_the_keys_and_is_not_pickled():
     import pickle
 
-    bn = KeyValueBottleneck(32, 4, 50, 8, 4, key_init="random")
+    bn = KeyValueBottleneck(32, 4, 50, 8, 4, key_init="random", search="fused")
     z = bn.project(torch.randn(10, 32))
     before = bn.nearest(z, topk=1).indices
     bn.keys.mul_(-1.0)  # in place: the layout must be redone
@@ -88,3 +88,24 @@ def test_kernels_are_compiled_per_key_size_at_first_use():
     search._KERNELS.pop(5, None)
     fused_nearest(torch.zeros(1, 1, 5), *keys_layout(torch.ones(1, 3, 5)))
     assert 5 in search._KERNELS
+
+
+def test_a_fused_key_fit_finds_the_clusters_the_matmul_fit_finds():
+    from kvb_avalanche.keys import KeyFitConfig, fit_keys, quantisation_error
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 32, generator=g).repeat(64, 1) + 0.05 * torch.randn(1024, 32, generator=g)
+    errors = {}
+    for kind in ("matmul", "fused"):
+        bn = KeyValueBottleneck(32, 4, 16, 8, 4, search=kind)
+        fit_keys(bn, [x[i : i + 128] for i in range(0, 1024, 128)], KeyFitConfig(epochs=3),
+                 progress=False)
+        errors[kind] = quantisation_error(bn, x)
+    assert errors["fused"] == pytest.approx(errors["matmul"], rel=1e-3)
+    assert errors["fused"] < 0.1 * quantisation_error(
+        KeyValueBottleneck(32, 4, 16, 8, 4, key_init="random"), x)
+
+
+def test_an_unknown_search_is_refused_naming_it():
+    with pytest.raises(ValueError, match="search must be 'matmul' or 'fused', got 'gpu'"):
+        KeyValueBottleneck(8, 2, 4, 2, 2, search="gpu")
